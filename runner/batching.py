@@ -1,0 +1,106 @@
+"""The continuous-batching loop, written once over the engine protocol: keep the engine full across units."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import pyarrow as pa
+
+from runner.engines.base import Completion, Engine, Request
+from runner.plan import Unit
+from runner.spec import Sampling
+
+log = logging.getLogger(__name__)
+
+END = object()  # the feed has no more units
+
+
+@dataclass
+class UnitWork:
+    """One unit inside a worker: its input rows and the completions gathered so far."""
+
+    unit: Unit
+    attempt: int
+    inputs: pa.Table
+    prompts: list[str | None]
+    bad: dict[int, str] = field(default_factory=dict)  # rows already known to fail, with their error
+    results: list[Completion | None] = field(default_factory=list)
+    remaining: int = 0
+    started_at: float = 0.0
+
+    def __post_init__(self):
+        self.results = [None] * len(self.prompts)
+        self.remaining = len(self.prompts)
+
+
+class Feed(Protocol):
+    def get(self, block: bool) -> "UnitWork | object | None": ...
+
+
+def row_error(prompt: str | None) -> str | None:
+    """Errors a row has before it reaches an engine."""
+    if prompt is None:
+        return "null_prompt: prompt is null"
+    if not prompt.strip():
+        return "empty_prompt: prompt is empty"
+    return None
+
+
+class BatchLoop:
+    """Pulls units from `feed` whenever the engine has free slots, so no slot idles at a unit boundary."""
+
+    def __init__(self, engine: Engine, feed: Feed, on_unit_done: Callable[[UnitWork], None], sampling: Sampling):
+        self.engine, self.feed, self.on_unit_done, self.sampling = engine, feed, on_unit_done, sampling
+        self.owners: dict[int, tuple[UnitWork, int]] = {}
+        self.ids = itertools.count()
+        self.exhausted = False
+
+    def run(self) -> None:
+        while True:
+            self._top_up()
+            if not self.owners:
+                if self.exhausted:
+                    return
+                continue
+            for completion in self.engine.step():
+                self._record(completion)
+
+    def _top_up(self) -> None:
+        """Admit whole units while fewer requests than the engine's capacity are in flight."""
+        while not self.exhausted and len(self.owners) < self.engine.capacity:
+            work = self.feed.get(block=not self.owners)
+            if work is None:
+                return
+            if work is END:
+                self.exhausted = True
+                return
+            self._admit(work)
+
+    def _admit(self, work: UnitWork) -> None:
+        work.started_at = time.time()
+        for row, prompt in enumerate(work.prompts):
+            error = work.bad.get(row) or row_error(prompt)
+            if error:
+                self._settle(work, row, Completion.failed(-1, error))
+                continue
+            request = Request(next(self.ids), prompt, self.sampling)
+            self.owners[request.id] = (work, row)
+            self.engine.add(request)
+        if work.remaining == 0 and not work.prompts:
+            self.on_unit_done(work)
+
+    def _record(self, completion: Completion) -> None:
+        work, row = self.owners.pop(completion.request_id)
+        self._settle(work, row, completion)
+
+    def _settle(self, work: UnitWork, row: int, completion: Completion) -> None:
+        if work.results[row] is not None:
+            raise RuntimeError(f"{work.unit.id}: row {row} completed twice")
+        work.results[row] = completion
+        work.remaining -= 1
+        if work.remaining == 0:
+            self.on_unit_done(work)

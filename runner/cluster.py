@@ -1,0 +1,163 @@
+"""Ray placement: start the coordinator and the worker pools, supervise them, replace lost workers."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from runner.coordinator import Coordinator
+from runner.errors import JobFailedError
+from runner.plan import Unit
+from runner.spec import JobSpec
+from runner.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options) -> list[tuple[Unit, str]]:
+    """Process `units` on Ray until each is committed or given up; returns the given-up ones."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ctx = ray.init(address=options.address, include_dashboard=options.dashboard if not options.address else None,
+                       logging_level=logging.WARNING, log_to_driver=True)
+        if ctx.dashboard_url:
+            log.info("Ray dashboard: http://%s", ctx.dashboard_url)
+    try:
+        check_fits(spec)
+        return Supervisor(spec, units, run_id).run(options.progress)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def check_fits(spec: JobSpec) -> None:
+    """Say when a pool can never be placed, instead of waiting forever for resources."""
+    import ray
+
+    total = ray.cluster_resources()
+    for name, pool in zip(spec.pool_names(), spec.workers):
+        need = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **pool.resources}
+        short = {k: v for k, v in need.items() if v and total.get(k, 0) < v}
+        if short:
+            raise JobFailedError(f"pool {name}: one replica needs {short} but the Ray cluster has "
+                                 f"{ {k: total.get(k, 0) for k in short} }")
+        wanted = pool.num_cpus * pool.replicas
+        if wanted > total.get("CPU", 0):
+            log.warning("pool %s asks for %g CPUs over %d replicas; the cluster has %g, so some replicas wait",
+                        name, wanted, pool.replicas, total.get("CPU", 0))
+
+
+class Supervisor:
+    """Keeps every pool's replicas running until the coordinator reports the queue finished."""
+
+    def __init__(self, spec: JobSpec, units: list[Unit], run_id: str):
+        import ray
+
+        self.ray, self.spec, self.run_id = ray, spec, run_id
+        # Named actors live in a namespace of their own run, so sequential or concurrent jobs never clash.
+        self.namespace = f"runner-{spec.name}-{run_id}"
+        self.coordinator = ray.remote(Coordinator).options(
+            num_cpus=0, name="coordinator", namespace=self.namespace).remote(units, spec.max_attempts)
+        self.live: dict = {}  # run() ref -> (pool index, replica, actor)
+        self.incarnations: dict[tuple[int, int], int] = {}
+        self.replacements = sum(p.replicas for p in spec.workers) * spec.max_attempts
+        self.rows_total = sum(u.num_rows for u in units)
+
+    def spawn(self, pool_index: int, replica: int) -> None:
+        pool, name = self.spec.workers[pool_index], self.spec.pool_names()[pool_index]
+        n = self.incarnations[(pool_index, replica)] = self.incarnations.get((pool_index, replica), -1) + 1
+        actor = self.ray.remote(Worker).options(
+            name=f"{name}-{replica}" + (f".{n}" if n else ""), namespace=self.namespace,
+            num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
+            resources=pool.resources or None, max_restarts=0,
+        ).remote(self.spec, pool_index, replica, self.coordinator, self.run_id)
+        self.live[actor.run.remote()] = (pool_index, replica, actor)
+
+    def run(self, show_progress: bool) -> list[tuple[Unit, str]]:
+        for i, pool in enumerate(self.spec.workers):
+            for r in range(pool.replicas):
+                self.spawn(i, r)
+        try:
+            with Progress(self.rows_total, show_progress) as bar:
+                while self.live:
+                    ready, _ = self.ray.wait(list(self.live), num_returns=1, timeout=1.0)
+                    for ref in ready:
+                        self._reap(ref)
+                    bar.update(self.ray.get(self.coordinator.progress.remote()))
+            progress = self.ray.get(self.coordinator.progress.remote())
+            given_up = self.ray.get(self.coordinator.given_up.remote())
+        finally:
+            self.close()
+        if not progress["finished"]:
+            raise JobFailedError(f"job {self.spec.name}: every worker was lost; last error: {progress['last_error']}")
+        return given_up
+
+    def close(self) -> None:
+        """Actors are ended explicitly: a job leaves nothing running on a long-lived cluster."""
+        for _, _, actor in self.live.values():
+            self.ray.kill(actor, no_restart=True)
+        self.live.clear()
+        self.ray.kill(self.coordinator, no_restart=True)
+
+    def _reap(self, ref) -> None:
+        pool_index, replica, actor = self.live.pop(ref)
+        name = f"{self.spec.pool_names()[pool_index]}-{replica}"
+        try:
+            self.ray.get(ref)
+            return
+        except self.ray.exceptions.RayError as e:
+            error = short_error(e)
+        self.ray.kill(actor, no_restart=True)
+        lost = self.ray.get(self.coordinator.worker_lost.remote(name, error))
+        log.warning("worker %s lost (%s); %d units back in the queue", name, error, len(lost))
+        finished = self.ray.get(self.coordinator.progress.remote())["finished"]
+        if not finished and self.replacements > 0:
+            self.replacements -= 1
+            self.spawn(pool_index, replica)
+
+
+def short_error(e: BaseException) -> str:
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        e = cause
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    return f"{type(e).__name__}: {text}"[:500]
+
+
+class Progress:
+    """A rich progress bar on a terminal; a log line every 10 s otherwise."""
+
+    def __init__(self, rows_total: int, enabled: bool):
+        self.rows_total, self.enabled = rows_total, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = None
+        self.started = self.last_log = time.time()
+
+    def __enter__(self):
+        if self.tty:
+            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+            self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(),
+                                    TextColumn("{task.completed}/{task.total} rows"),
+                                    TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("generating", total=self.rows_total, tps="0")
+        return self
+
+    def update(self, p: dict) -> None:
+        tps = p.get("completion_tokens", 0) / max(time.time() - self.started, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=p.get("rows", 0), tps=f"{tps:.0f}")
+        elif self.enabled and time.time() - self.last_log >= 10:
+            self.last_log = time.time()
+            log.info("units %d/%d, rows %d/%d (%d failed), %.0f tok/s", p["units_done"], p["units_total"],
+                     p.get("rows", 0), self.rows_total, p.get("rows_failed", 0), tps)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False

@@ -1,0 +1,78 @@
+"""The coordinator: owns the queue of units; workers pull, report, and lost workers' units go back."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from runner.plan import Unit
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The answer to a worker asking for work: a unit (with its attempt number), `wait`, or `done`."""
+
+    state: str  # "unit" | "wait" | "done"
+    unit: Unit | None = None
+    attempt: int = 0
+
+
+class Coordinator:
+    """Runs as one Ray actor (no CPU reserved); every state change of a unit happens here."""
+
+    def __init__(self, units: list[Unit], max_attempts: int):
+        self.by_id = {u.id: u for u in units}
+        self.pending: deque[Unit] = deque(units)
+        self.leases: dict[str, str] = {}  # unit id -> worker
+        self.attempts: Counter = Counter()
+        self.done: set[str] = set()
+        self.gave_up: dict[str, str] = {}  # unit id -> last error
+        self.max_attempts = max_attempts
+        self.totals: Counter = Counter()
+        self.last_error: str | None = None
+
+    def next_unit(self, worker: str) -> Lease:
+        if self.pending:
+            unit = self.pending.popleft()
+            self.leases[unit.id] = worker
+            self.attempts[unit.id] += 1
+            return Lease("unit", unit, self.attempts[unit.id])
+        return Lease("wait") if self.leases else Lease("done")
+
+    def complete(self, worker: str, unit_id: str, totals: dict) -> None:
+        self.leases.pop(unit_id, None)
+        if unit_id not in self.done:
+            self.done.add(unit_id)
+            self.totals.update(totals)
+
+    def fail(self, worker: str, unit_id: str, error: str) -> None:
+        if self.leases.get(unit_id) == worker:
+            del self.leases[unit_id]
+            self._retry_or_give_up(unit_id, error)
+
+    def worker_lost(self, worker: str, error: str) -> list[str]:
+        """Requeue (or give up on) every unit the worker held; returns their ids."""
+        held = [uid for uid, w in self.leases.items() if w == worker]
+        for uid in held:
+            del self.leases[uid]
+            self._retry_or_give_up(uid, f"worker {worker} lost: {error}")
+        return held
+
+    def _retry_or_give_up(self, unit_id: str, error: str) -> None:
+        self.last_error = error
+        if unit_id in self.done:
+            return
+        if self.attempts[unit_id] >= self.max_attempts:
+            self.gave_up[unit_id] = error
+        else:
+            self.pending.appendleft(self.by_id[unit_id])
+
+    def given_up(self) -> list[tuple[Unit, str]]:
+        return [(self.by_id[uid], err) for uid, err in sorted(self.gave_up.items())]
+
+    def progress(self) -> dict:
+        return {
+            "units_total": len(self.by_id), "units_done": len(self.done), "units_given_up": len(self.gave_up),
+            "units_in_flight": len(self.leases), "units_queued": len(self.pending),
+            "finished": not self.pending and not self.leases, "last_error": self.last_error, **self.totals,
+        }

@@ -1,0 +1,57 @@
+"""The one engine protocol that llama.cpp, vLLM and the echo engine implement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from runner.spec import Sampling
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to generate from; `id` is unique within one engine's lifetime."""
+
+    id: int
+    prompt: str
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The result of one request: text on success, error (and no text) when the row failed."""
+
+    request_id: int
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, request_id: int, error: str, prompt_tokens: int = 0) -> "Completion":
+        return cls(request_id, None, None, prompt_tokens, 0, error)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Continuous batching behind four calls.
+
+    `add` queues a request (never raises for a bad row: the row's Completion carries the
+    error), `step` advances every running sequence by one decode and returns the requests
+    that finished, `abort` drops a request, `has_unfinished` says whether `step` has work.
+    `capacity` is how many sequences the engine decodes at once; the caller keeps that
+    many (and a few more) in flight.
+    """
+
+    capacity: int
+
+    def add(self, request: Request) -> None: ...
+
+    def step(self) -> list[Completion]: ...
+
+    def abort(self, request_id: int) -> None: ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,49 @@
+"""A model-free engine that returns each prompt's words: for dry runs of a pipeline and scheduler tests."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from runner.engines.base import Completion, Request
+from runner.spec import JobSpec, WorkerPool
+
+
+class EchoEngine:
+    """Generates the prompt's own words, one word a token, `capacity` rows a step.
+
+    engine_args: `step_s` sleeps that long each step (to model a slow engine).
+    """
+
+    def __init__(self, capacity: int = 8, step_s: float = 0.0):
+        self.capacity = capacity
+        self.step_s = step_s
+        self.queue: deque[Request] = deque()
+
+    @classmethod
+    def from_pool(cls, pool: WorkerPool, spec: JobSpec) -> "EchoEngine":
+        return cls(capacity=pool.parallel, step_s=float(pool.engine_args.get("step_s", 0.0)))
+
+    def add(self, request: Request) -> None:
+        self.queue.append(request)
+
+    def abort(self, request_id: int) -> None:
+        self.queue = deque(r for r in self.queue if r.id != request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.queue)
+
+    def step(self) -> list[Completion]:
+        if self.step_s:
+            time.sleep(self.step_s)
+        done = []
+        for _ in range(min(self.capacity, len(self.queue))):
+            r = self.queue.popleft()
+            words = r.prompt.split()
+            out = words[: r.sampling.max_tokens]
+            reason = "length" if len(words) > r.sampling.max_tokens else "stop"
+            done.append(Completion(r.id, " ".join(out), reason, len(words), len(out)))
+        return done
+
+    def close(self) -> None:
+        self.queue.clear()

@@ -1,0 +1,49 @@
+"""Typed errors: each names the field, file or row it is about; only the CLI maps them to exit codes."""
+
+
+class RunnerError(Exception):
+    """Base of every error a user can cause or fix."""
+
+    exit_code = 1
+
+
+class SpecError(RunnerError):
+    """The job spec is malformed: a bad key, type or value."""
+
+    exit_code = 2
+
+
+class InputError(RunnerError):
+    """The input data is missing or not what the spec says."""
+
+    exit_code = 3
+
+
+class ModelError(RunnerError):
+    """A model file is missing or unreadable."""
+
+    exit_code = 4
+
+
+class StorageError(RunnerError):
+    """Reading or writing the output or input location failed."""
+
+    exit_code = 5
+
+
+class JobConflictError(RunnerError):
+    """The output location already holds a different job."""
+
+    exit_code = 6
+
+
+class JobFailedError(RunnerError):
+    """The job ran but did not complete (too many failed rows, all workers lost)."""
+
+    exit_code = 7
+
+
+class EngineError(RunnerError):
+    """An engine failed in a way that is not the fault of one row."""
+
+    exit_code = 8

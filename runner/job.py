@@ -1,0 +1,147 @@
+"""The driver: validate, plan, claim the output, run the pools on Ray, commit the manifest."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from runner.errors import JobFailedError, ModelError
+from runner.output import OutputStore, UnitStats, output_table, summarize
+from runner.plan import Plan, Unit, make_plan
+from runner.spec import JobSpec
+from runner.storage import storage_errors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    address: str | None = None  # None: an embedded local Ray
+    overwrite: bool = False
+    dashboard: bool = True
+    progress: bool = True
+
+
+def validate(spec: JobSpec) -> Plan:
+    """Every check that needs no engine: inputs, models, output location. Returns the plan."""
+    plan = make_plan(spec)
+    check_models(spec)
+    OutputStore(spec).check_writable()
+    return plan
+
+
+def check_models(spec: JobSpec) -> None:
+    from fsspec.core import url_to_fs
+
+    for i, pool in enumerate(spec.workers):
+        if pool.engine != "llamacpp":
+            continue
+        key = f"workers[{i}].model"
+        try:
+            fs, path = url_to_fs(pool.model, **pool.model_storage_options)
+            with fs.open(path, "rb") as f:
+                magic = f.read(4)
+        except FileNotFoundError:
+            raise ModelError(f"{key}: {pool.model} does not exist") from None
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{key}: cannot read {pool.model} ({e})") from None
+        if magic != b"GGUF":
+            raise ModelError(f"{key}: {pool.model} is not a GGUF file")
+
+
+def run_job(spec: JobSpec, resolved_spec: dict, options: RunOptions = RunOptions()) -> dict:
+    """Run (or resume) the job to the end; returns the manifest. Raises RunnerError subclasses."""
+    started = time.time()
+    plan = validate(spec)
+    store = OutputStore(spec)
+    resuming = store.begin(plan, resolved_spec, options.overwrite)
+    done = store.committed_ids()
+    todo = [u for u in plan.units if u.id not in done]
+    run_id = uuid.uuid4().hex[:12]
+    log.info("job %s: %d units, %d rows; %d units already committed%s", spec.name, len(plan.units),
+             plan.total_rows, len(plan.units) - len(todo), " (resuming)" if resuming else "")
+    given_up: list[tuple[Unit, str]] = []
+    if todo:
+        from runner.cluster import run_on_ray
+
+        given_up = run_on_ray(spec, todo, run_id, options)
+    for unit, error in given_up:
+        write_failed_unit(spec, store, unit, error, run_id)
+    return finish(spec, store, plan, run_id, started, skipped=len(plan.units) - len(todo))
+
+
+def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str, run_id: str) -> None:
+    """A unit that failed every attempt: its rows are written with the error, so none is lost."""
+    from runner.engines.base import Completion
+    from runner.output import unit_stats
+    from runner.worker import RowGroupReader
+
+    import pyarrow as pa
+
+    try:
+        inputs = RowGroupReader(spec).read(unit, 0).inputs
+    except Exception:  # the input itself may be what fails; keep the rows' positions at least
+        cols = ([spec.input.id_column] if spec.input.id_column else []) + list(spec.input.columns)
+        inputs = pa.table({c: pa.nulls(unit.num_rows) for c in cols} or {"_": pa.nulls(unit.num_rows)})
+    kind = error.split(":", 1)[0] if ":" in error[:40] else "unit_failed"
+    results = [Completion.failed(i, f"{kind}: {error}"[:2000]) for i in range(unit.num_rows)]
+    stats = unit_stats(unit, results, pool="-", worker="-", run_id=run_id, attempt=spec.max_attempts,
+                       started_at=time.time(), finished_at=time.time())
+    store.commit(unit, output_table(spec, unit, inputs, results), stats)
+    log.error("%s: rows %d..%d written as failed after %d attempts: %s", unit.id, unit.row_start,
+              unit.row_start + unit.num_rows - 1, spec.max_attempts, error)
+
+
+def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: float, skipped: int) -> dict:
+    markers = store.markers()
+    committed = {m.unit_id for m in markers}
+    missing = [u.id for u in plan.units if u.id not in committed]
+    mine = [m for m in markers if m.unit_id in {u.id for u in plan.units}]
+    summary = summarize(mine, spec.pool_names(), run_id)
+    wall = time.time() - started
+    this_run = [m for m in mine if m.run_id == run_id]
+    new_tokens = sum(m.completion_tokens for m in this_run)
+    manifest = {
+        "name": spec.name, "run_id": run_id, "fingerprint": spec.fingerprint(),
+        "rows_total": plan.total_rows, "units_total": len(plan.units), "units_committed": len(mine),
+        "units_skipped": skipped, "units_this_run": len(this_run), "wall_time_s": round(wall, 3),
+        "rows_per_s": round(sum(m.rows for m in this_run) / wall, 2) if wall else 0.0,
+        "tokens_per_s": round(new_tokens / wall, 1) if wall else 0.0,
+        **summary, "spec": (store.job_record() or {}).get("spec"),
+    }
+    failed_limit = exceeds_failed_limit(spec, manifest.get("rows_failed", 0), plan.total_rows)
+    ok = not missing and not failed_limit
+    manifest["status"] = "succeeded" if ok else "failed"
+    store.finish(manifest, ok)
+    if missing:
+        raise JobFailedError(f"job {spec.name}: {len(missing)} units were not committed (first: {missing[0]})")
+    if failed_limit:
+        raise JobFailedError(f"job {spec.name}: {failed_limit}")
+    return manifest
+
+
+def exceeds_failed_limit(spec: JobSpec, failed: int, total: int) -> str | None:
+    limit = spec.max_failed_rows
+    if limit is None:
+        return None
+    allowed = limit * total if isinstance(limit, float) and limit < 1 else limit
+    if failed > allowed:
+        return f"{failed} of {total} rows failed, more than max_failed_rows ({limit})"
+    return None
+
+
+def job_status(spec: JobSpec) -> dict:
+    """What the output location says about the job: units done/total, rows ok/failed."""
+    store = OutputStore(spec)
+    with storage_errors(f"output.path: {spec.output.path}"):
+        record = store.job_record()
+        markers = store.markers() if record else []
+        succeeded = store.succeeded() if record else False
+    summary = summarize(markers, spec.pool_names())
+    return {
+        "name": spec.name, "started": record is not None, "succeeded": succeeded,
+        "units_total": record["units"] if record else None, "rows_total": record["rows"] if record else None,
+        "units_done": len(markers), **summary,
+    }

@@ -1,0 +1,198 @@
+"""The output location: unit parts, commit markers (written last), the job record and the manifest."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from runner.engines.base import Completion
+from runner.errors import EngineError, JobConflictError, StorageError
+from runner.plan import Plan, Unit
+from runner.spec import JobSpec
+from runner.storage import Location, storage_errors
+
+JOB = "_job.json"
+COMMITS = "_commits"
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+
+
+@dataclass
+class UnitStats:
+    """What a commit marker records about one unit; the manifest and `runner status` add these up."""
+
+    unit_id: str
+    rows: int
+    rows_ok: int
+    rows_failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    pool: str
+    worker: str
+    run_id: str
+    attempt: int = 1
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def error_kind(error: str) -> str:
+    return error.split(":", 1)[0].strip()[:60]
+
+
+def output_table(spec: JobSpec, unit: Unit, inputs: pa.Table, results: list[Completion | None]) -> pa.Table:
+    """One output row per input row, in input order; refuses a unit whose rows do not match one to one."""
+    if len(results) != unit.num_rows or inputs.num_rows != unit.num_rows or any(r is None for r in results):
+        missing = sum(r is None for r in results)
+        raise EngineError(f"{unit.id}: {len(results) - missing} results for {unit.num_rows} input rows")
+    cols: dict[str, pa.Array] = {
+        "source_file": pa.array([unit.source_file] * unit.num_rows, pa.string()),
+        "source_row": pa.array(range(unit.row_start, unit.row_start + unit.num_rows), pa.int64()),
+    }
+    for name in ([spec.input.id_column] if spec.input.id_column else []) + list(spec.input.columns):
+        if name not in cols:
+            cols[name] = inputs.column(name)
+    cols["text"] = pa.array([r.text for r in results], pa.string())
+    cols["finish_reason"] = pa.array([r.finish_reason for r in results], pa.string())
+    cols["prompt_tokens"] = pa.array([r.prompt_tokens for r in results], pa.int64())
+    cols["completion_tokens"] = pa.array([r.completion_tokens for r in results], pa.int64())
+    cols["error"] = pa.array([r.error for r in results], pa.string())
+    return pa.table(cols)
+
+
+def unit_stats(unit: Unit, results: list[Completion], **who) -> UnitStats:
+    errors = Counter(error_kind(r.error) for r in results if r.error)
+    failed = sum(errors.values())
+    return UnitStats(
+        unit_id=unit.id, rows=unit.num_rows, rows_ok=unit.num_rows - failed, rows_failed=failed,
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        completion_tokens=sum(r.completion_tokens for r in results), errors=dict(errors), **who,
+    )
+
+
+class OutputStore:
+    """Owns every object under output.path."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.loc = Location.open(spec.output.path, spec.output.storage_options)
+
+    def check_writable(self) -> None:
+        probe = f"_probe-{uuid.uuid4().hex}"
+        with storage_errors(f"output.path: {self.loc.url} is not writable"):
+            self.loc.write_bytes(probe, b"")
+            self.loc.fs.rm_file(self.loc.path(probe))
+
+    def begin(self, plan: Plan, resolved_spec: dict, overwrite: bool) -> bool:
+        """Claim the location for this job; returns True when it resumes an earlier run."""
+        with storage_errors(f"output.path: {self.loc.url}"):
+            if overwrite:
+                self.loc.remove_all()
+            names = self.loc.list()
+            resuming = JOB in names
+            if resuming:
+                self._check_same_job(self.loc.read_json(JOB), plan)
+            elif any(not n.startswith(("_", ".")) for n in names):
+                raise JobConflictError(
+                    f"output.path: {self.loc.url} holds files but no runner job; use --overwrite to replace them"
+                )
+            record = {"name": self.spec.name, "fingerprint": self.spec.fingerprint(),
+                      "input_fingerprint": plan.fingerprint(), "units": len(plan.units),
+                      "rows": plan.total_rows, "spec": resolved_spec}
+            self.loc.write_json(JOB, record)
+            if SUCCESS in names:
+                self.loc.fs.rm_file(self.loc.path(SUCCESS))
+        return resuming
+
+    def _check_same_job(self, record: dict, plan: Plan) -> None:
+        if record.get("fingerprint") != self.spec.fingerprint():
+            raise JobConflictError(
+                f"output.path: {self.loc.url} holds job {record.get('name')!r} with a different spec "
+                "(model, sampling, input or unit_rows); use --overwrite to replace it"
+            )
+        if record.get("input_fingerprint") != plan.fingerprint():
+            raise JobConflictError(
+                f"output.path: {self.loc.url} holds this job over different input files or row counts; "
+                "use --overwrite to start over"
+            )
+
+    def commit(self, unit: Unit, table: pa.Table, stats: UnitStats) -> None:
+        """Data object first, marker last: a unit is committed exactly when its marker exists."""
+        with storage_errors(f"{self.loc.url_of(unit.data_name)}: cannot commit unit"):
+            self.loc.write_table(unit.data_name, table)
+            self.loc.write_json(f"{COMMITS}/{unit.id}.json", asdict(stats))
+
+    def committed_ids(self) -> set[str]:
+        with storage_errors(f"output.path: {self.loc.url}: cannot list commit markers"):
+            names = self.loc.list(COMMITS)
+        return {n.rsplit("/", 1)[-1].removesuffix(".json") for n in names if n.endswith(".json")}
+
+    def markers(self) -> list[UnitStats]:
+        ids = sorted(self.committed_ids())
+        with storage_errors(f"output.path: {self.loc.url}: cannot read commit markers"), \
+                ThreadPoolExecutor(max_workers=16) as pool:
+            raw = list(pool.map(lambda i: self.loc.read_json(f"{COMMITS}/{i}.json"), ids))
+        return [UnitStats(**r) for r in raw]
+
+    def job_record(self) -> dict | None:
+        with storage_errors(f"output.path: {self.loc.url}"):
+            return self.loc.read_json(JOB) if self.loc.exists(JOB) else None
+
+    def finish(self, manifest: dict, succeeded: bool) -> None:
+        with storage_errors(f"output.path: {self.loc.url}: cannot write the manifest"):
+            self.loc.write_json(MANIFEST, manifest)
+            if succeeded:
+                self.loc.write_bytes(SUCCESS, b"")
+
+    def succeeded(self) -> bool:
+        try:
+            return self.loc.exists(SUCCESS)
+        except Exception as e:  # reported by the caller as storage trouble
+            raise StorageError(f"output.path: {self.loc.url}: {e}") from e
+
+
+def summarize(markers: list[UnitStats], pools: list[str], run_id: str | None = None) -> dict:
+    """Totals, per pool and per worker; tokens/s over each worker's own busy span."""
+    tot = Counter()
+    errors: Counter = Counter()
+    by_pool: dict[str, list[UnitStats]] = defaultdict(list)
+    for m in markers:
+        tot.update(rows=m.rows, rows_ok=m.rows_ok, rows_failed=m.rows_failed, units=1,
+                   prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens)
+        errors.update(m.errors)
+        by_pool[m.pool].append(m)
+    out = dict(tot)
+    out["errors"] = dict(errors)
+    out["pools"] = {p: _group(ms, run_id) for p, ms in sorted(by_pool.items())}
+    for p in pools:
+        out["pools"].setdefault(p, _group([], run_id))
+    return out
+
+
+def _group(ms: list[UnitStats], run_id: str | None) -> dict:
+    workers: dict[str, list[UnitStats]] = defaultdict(list)
+    for m in ms:
+        workers[m.worker].append(m)
+    return {
+        "units": len(ms), "rows": sum(m.rows for m in ms),
+        "completion_tokens": sum(m.completion_tokens for m in ms),
+        "workers": {w: _rate(wm, run_id) for w, wm in sorted(workers.items())},
+        "tokens_per_s": round(sum(_rate(wm, run_id)["tokens_per_s"] for wm in workers.values()), 1),
+    }
+
+
+def _rate(ms: list[UnitStats], run_id: str | None) -> dict:
+    mine = [m for m in ms if run_id is None or m.run_id == run_id] or ms
+    span = max(m.finished_at for m in mine) - min(m.started_at for m in mine) if mine else 0.0
+    toks = sum(m.completion_tokens for m in mine)
+    return {"units": len(ms), "rows": sum(m.rows for m in ms), "completion_tokens": sum(m.completion_tokens for m in ms),
+            "tokens_per_s": round(toks / span, 1) if span > 0 else 0.0}
+
+
+def now() -> float:
+    return time.time()

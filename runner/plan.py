@@ -1,0 +1,183 @@
+"""Planning: list the input shards, read only their Parquet footers, cut units of work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from fsspec.utils import get_protocol
+
+from runner.errors import InputError, StorageError
+from runner.spec import JobSpec
+from runner.storage import retrying
+
+_GLOB = set("*?[")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    url: str
+    num_rows: int
+    row_groups: tuple[int, ...]  # rows in each row group
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A slice of one input file: whole row groups where they fit, the checkpoint granularity."""
+
+    id: str
+    source_file: str
+    row_start: int
+    num_rows: int
+    row_groups: tuple[int, ...]  # row groups to read
+    skip: int  # rows of the first row group before row_start
+
+    @property
+    def data_name(self) -> str:
+        return f"{self.id}.parquet"
+
+
+@dataclass(frozen=True)
+class Plan:
+    files: tuple[InputFile, ...]
+    units: tuple[Unit, ...]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+    def fingerprint(self) -> str:
+        body = [(f.url, f.num_rows) for f in self.files]
+        return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
+
+
+def make_plan(spec: JobSpec) -> Plan:
+    """List and inspect the input; raises InputError naming the file or column at fault."""
+    urls = list_inputs(spec.input.path, spec.input.storage_options)
+    with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+        files = list(pool.map(lambda u: inspect_file(spec, u), urls))
+    _check_same_types(spec, urls)
+    units = [u for i, f in enumerate(files) for u in cut_units(i, f, spec.unit_rows)]
+    return Plan(tuple(files), tuple(units))
+
+
+def list_inputs(url: str, storage_options: dict) -> list[str]:
+    fs, path = url_to_fs(url, **storage_options)
+    protocol = get_protocol(url)
+    try:
+        if _GLOB & set(path):
+            found = [p for p in fs.glob(path) if fs.isfile(p)]
+        elif _isdir(fs, path):
+            found = [p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p, path)]
+            if not found:
+                raise InputError(f"input.path: no *.parquet files under {url}")
+        elif fs.exists(path):
+            found = [path]
+        else:
+            raise InputError(f"input.path: {url} does not exist")
+    except (PermissionError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise InputError(f"input.path: {url} does not exist") from None
+        raise StorageError(f"input.path: cannot list {url} ({e})") from None
+    if not found:
+        raise InputError(f"input.path: no files match {url}")
+    return [_with_protocol(protocol, p) for p in sorted(found)]
+
+
+def _isdir(fs, path: str) -> bool:
+    fs.invalidate_cache(path)
+    return fs.isdir(path)
+
+
+def _hidden(path: str, root: str) -> bool:
+    rel = posixpath.relpath(path, root)
+    return any(part.startswith(("_", ".")) for part in rel.split("/"))
+
+
+def _with_protocol(protocol: str, path: str) -> str:
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def read_footer(url: str, storage_options: dict) -> pq.FileMetaData:
+    fs, path = url_to_fs(url, **storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            return retrying(lambda: pq.ParquetFile(f).metadata)()
+    except pa.ArrowInvalid as e:
+        raise InputError(f"{url}: not a readable Parquet file ({e})") from None
+    except FileNotFoundError:
+        raise InputError(f"{url}: does not exist") from None
+    except OSError as e:
+        raise StorageError(f"{url}: cannot read ({e})") from None
+
+
+def inspect_file(spec: JobSpec, url: str) -> InputFile:
+    meta = read_footer(url, spec.input.storage_options)
+    schema = meta.schema.to_arrow_schema()
+    inp = spec.input
+    wanted = [("input.prompt_column", inp.prompt_column)]
+    wanted += [("input.id_column", inp.id_column)] if inp.id_column else []
+    wanted += [(f"input.columns[{i}]", c) for i, c in enumerate(inp.columns)]
+    for key, col in wanted:
+        if col not in schema.names:
+            raise InputError(f"{url}: column {col!r} ({key}) not found; columns are {schema.names}")
+    ptype = schema.field(inp.prompt_column).type
+    if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype) or pa.types.is_binary(ptype)
+            or pa.types.is_large_binary(ptype) or pa.types.is_null(ptype)):
+        raise InputError(f"{url}: prompt column {inp.prompt_column!r} has type {ptype}, expected string")
+    groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    return InputFile(url, meta.num_rows, groups)
+
+
+def _check_same_types(spec: JobSpec, urls: list[str]) -> None:
+    """Copied columns must have one type across shards, or the output parts would not read as one dataset."""
+    cols = ([spec.input.id_column] if spec.input.id_column else []) + list(spec.input.columns)
+    if not cols or len(urls) < 2:
+        return
+    first = None
+    for url in urls:
+        schema = read_footer(url, spec.input.storage_options).schema.to_arrow_schema()
+        types = {c: schema.field(c).type for c in cols}
+        if first is None:
+            first = (url, types)
+        for c, t in types.items():
+            if not (t.equals(first[1][c]) or pa.types.is_null(t) or pa.types.is_null(first[1][c])):
+                raise InputError(f"{url}: column {c!r} has type {t} but {first[0]} has {first[1][c]}")
+
+
+def cut_units(file_index: int, f: InputFile, unit_rows: int) -> list[Unit]:
+    """Group whole row groups up to unit_rows; split a row group larger than that into slices."""
+    units: list[Unit] = []
+    start, pending, pending_rows = 0, [], 0
+
+    def flush():
+        nonlocal pending, pending_rows
+        if pending_rows:
+            row0 = start - pending_rows
+            units.append(_unit(file_index, f.url, row0, pending_rows, tuple(pending), 0))
+        pending, pending_rows = [], 0
+
+    for g, n in enumerate(f.row_groups):
+        if n == 0:
+            continue
+        if pending_rows + n > unit_rows:
+            flush()
+        if n > unit_rows:
+            for off in range(0, n, unit_rows):
+                units.append(_unit(file_index, f.url, start + off, min(unit_rows, n - off), (g,), off))
+        else:
+            pending.append(g)
+            pending_rows += n
+        start += n
+    flush()
+    return units
+
+
+def _unit(file_index: int, url: str, row_start: int, n: int, groups: tuple[int, ...], skip: int) -> Unit:
+    return Unit(f"part-{file_index:05d}-{row_start:010d}", url, row_start, n, groups, skip)

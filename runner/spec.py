@@ -1,0 +1,230 @@
+"""The job spec: job.yaml parsed, ${VAR}-resolved and validated once into one typed object."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from runner.errors import SpecError
+
+SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key|credential|session)", re.I)
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def absolute_local(url: str | None) -> str | None:
+    """A relative local path is taken from the current directory and made absolute, so every Ray
+    worker reads the same file whatever its own working directory; URLs pass unchanged."""
+    if url is None or "://" in url:
+        return url
+    trailing = "/" if url.endswith("/") else ""
+    return os.path.abspath(os.path.expanduser(url)) + trailing
+
+
+class Sampling(_Model):
+    """How tokens are drawn; the job's default for every row."""
+
+    max_tokens: int = Field(64, ge=1, description="Most new tokens per row.")
+    temperature: float = Field(0.0, ge=0.0, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 turns it off.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability.")
+    repeat_penalty: float = Field(1.0, gt=0.0, description="llama.cpp repetition penalty; 1 turns it off.")
+    presence_penalty: float = Field(0.0, description="Penalty for tokens already generated.")
+    frequency_penalty: float = Field(0.0, description="Penalty growing with a token's count.")
+    seed: int = Field(0, ge=0, description="Seed of the row's sampler; same seed, same text.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a row; never part of `text`.")
+
+
+class InputSpec(_Model):
+    path: str = Field(description="A Parquet file, a directory (every *.parquet below it) or a glob; any fsspec URL.")
+    prompt_column: str = Field("prompt", description="String column holding the prompt.")
+    id_column: str | None = Field(None, description="Column copied to the output to join results back.")
+    columns: list[str] = Field(default_factory=list, description="More columns copied to the output.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for input.path.")
+
+    @field_validator("path")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        return absolute_local(v)
+
+
+class OutputSpec(_Model):
+    path: str = Field(description="Directory (any fsspec URL) that receives Parquet parts and bookkeeping files.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for output.path.")
+
+    @field_validator("path")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        return absolute_local(v)
+
+
+class WorkerPool(_Model):
+    """A pool of identical Ray actors, each wrapping one engine."""
+
+    engine: Literal["llamacpp", "vllm", "echo"] = Field(description="Engine every replica runs.")
+    name: str | None = Field(None, description="Pool name in logs, actor names and the manifest.")
+    model: str | None = Field(None, description="GGUF path or fsspec URL (llamacpp); model id or path (vllm).")
+    model_storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for model.")
+    replicas: int = Field(1, ge=1, description="Actors in the pool.")
+    num_cpus: float = Field(1, ge=0, description="CPUs each actor reserves; llama.cpp uses as many threads.")
+    num_gpus: float = Field(0, ge=0, description="GPUs each actor reserves.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each actor needs.")
+    n_ctx: int = Field(2048, ge=16, description="Context length of one sequence (llamacpp).")
+    parallel: int = Field(8, ge=1, description="Sequences decoded together.")
+    n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default num_cpus.")
+    n_batch: int = Field(512, ge=1, description="Most tokens in one llama.cpp decode call.")
+    flash_attn: bool = Field(False, description="llama.cpp flash attention (off keeps batched = single outputs).")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed to vLLM's EngineArgs unchanged.")
+
+    @field_validator("model")
+    @classmethod
+    def _abs(cls, v: str | None) -> str | None:
+        # A vLLM model is usually a hub id ("org/name"): only an existing local path is made absolute.
+        return absolute_local(v) if v and (os.path.exists(v) or v.endswith(".gguf")) else v
+
+    @model_validator(mode="after")
+    def _needs_model(self) -> "WorkerPool":
+        if self.engine != "echo" and not self.model:
+            raise ValueError(f"engine {self.engine!r} needs a model")
+        return self
+
+
+class JobSpec(_Model):
+    """One job: where prompts come from, who generates, where outputs go."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Job name (letters, digits, _ . -).")
+    input: InputSpec
+    output: OutputSpec
+    sampling: Sampling = Field(default_factory=Sampling)
+    workers: list[WorkerPool] = Field(min_length=1)
+    unit_rows: int = Field(256, ge=1, description="Rows per unit of work: the checkpoint granularity.")
+    max_attempts: int = Field(3, ge=1, description="Tries per unit before its rows are written as failed.")
+    max_failed_rows: Union[int, float, None] = Field(
+        None, description="Fail the job when more rows than this (a count, or a fraction < 1) failed; null: never."
+    )
+    prefetch_units: int = Field(1, ge=0, description="Units a worker reads ahead while it decodes.")
+
+    @field_validator("max_failed_rows")
+    @classmethod
+    def _fraction_or_count(cls, v):
+        if v is not None and (v < 0 or (isinstance(v, float) and v >= 1 and not v.is_integer())):
+            raise ValueError("expected a count >= 0 or a fraction below 1")
+        return v
+
+    def pool_names(self) -> list[str]:
+        return [p.name or f"{p.engine}{i}" for i, p in enumerate(self.workers)]
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes what the outputs hold; resume refuses when it differs."""
+        body = {
+            "input": self.input.model_dump(exclude={"storage_options"}),
+            "sampling": self.sampling.model_dump(),
+            "models": sorted({(p.engine, p.model or "", p.n_ctx) for p in self.workers}),
+            "unit_rows": self.unit_rows,
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_spec(path: str | os.PathLike, env: dict[str, str] | None = None) -> tuple[JobSpec, dict]:
+    """Parse and validate a job.yaml; returns the spec and its redacted form (safe to log or save)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read job spec ({e.strerror or e})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of keys at the top level")
+    return parse_spec(raw, env if env is not None else dict(os.environ), source=str(path))
+
+
+def parse_spec(raw: dict, env: dict[str, str], source: str = "job.yaml") -> tuple[JobSpec, dict]:
+    secret_paths: set[tuple] = set()
+    resolved = _interpolate(raw, env, (), secret_paths)
+    try:
+        spec = JobSpec.model_validate(resolved)
+    except ValidationError as e:
+        raise SpecError(f"{source}: {_first_error(e, secret_paths)}") from None
+    return spec, redact(raw)
+
+
+def redact(raw: Any, key: str = "") -> Any:
+    """The spec as written, with literal secrets masked; ${VAR} references stay as references."""
+    if isinstance(raw, dict):
+        return {k: redact(v, str(k)) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [redact(v, key) for v in raw]
+    if isinstance(raw, str) and SECRET_KEYS.search(key) and not _VAR.fullmatch(raw.strip()):
+        return "***"
+    return raw
+
+
+def _interpolate(value: Any, env: dict[str, str], path: tuple, secret_paths: set) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, path + (k,), secret_paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, path + (i,), secret_paths) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise SpecError(f"{_dotted(path)}: environment variable {name} is not set")
+
+    secret_paths.add(path)
+    return _VAR.sub(sub, value)
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+_EXPECTED = {
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "string_type": "expected a string",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "missing": "required key is missing",
+    "extra_forbidden": "unknown key",
+}
+
+
+def _first_error(e: ValidationError, secret_paths: set) -> str:
+    err = e.errors()[0]
+    # Unions report one error per branch, with the branch name in the location.
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"int", "float", "none", "function-after[_needs_model(), WorkerPool]"}))
+    msg = _EXPECTED.get(err["type"]) or err["msg"].removeprefix("Value error, ")
+    if err["type"] not in {"missing", "extra_forbidden"} and loc not in secret_paths and "input" in err:
+        got = err["input"]
+        if not isinstance(got, (dict, list)):
+            msg += f", got {json.dumps(got, default=str)}"
+    return f"{_dotted(loc)}: {msg}"

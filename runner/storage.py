@@ -1,0 +1,147 @@
+"""All IO on user data: fsspec URLs (local paths, s3://, gs://, ...) with retries on transient errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
+
+from runner.errors import StorageError
+
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+
+
+def _transient(e: BaseException) -> bool:
+    """Connection resets, timeouts, 5xx: worth another try. A missing file or denied access is not."""
+    if isinstance(e, _PERMANENT) or isinstance(e, StorageError):
+        return False
+    return isinstance(e, (OSError, ConnectionError, TimeoutError)) or "botocore" in type(e).__module__
+
+
+# Long enough to ride out an object store that is away for a minute or two.
+retrying = retry(
+    retry=retry_if_exception(_transient),
+    wait=wait_exponential(multiplier=0.25, max=8),
+    stop=stop_after_delay(180),
+    reraise=True,
+)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+@dataclass
+class Location:
+    """A directory-like prefix behind one filesystem: the output location or one input file's folder."""
+
+    fs: fsspec.AbstractFileSystem
+    root: str
+    url: str
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> "Location":
+        try:
+            fs, root = url_to_fs(url, **(storage_options or {}))
+        except (ImportError, ValueError, TypeError) as e:
+            raise StorageError(f"{url}: cannot open this location ({e})") from None
+        return cls(fs, root.rstrip("/"), url.rstrip("/"))
+
+    def path(self, name: str) -> str:
+        return posixpath.join(self.root, name)
+
+    def url_of(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    @retrying
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write one whole object; on a local disk through a rename, so readers never see half of it."""
+        path = self.path(name)
+        if is_local(self.fs):
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}")
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    @retrying
+    def read_bytes(self, name: str) -> bytes:
+        return self.fs.cat_file(self.path(name))
+
+    @retrying
+    def exists(self, name: str) -> bool:
+        self.fs.invalidate_cache(self.path(name))
+        return self.fs.exists(self.path(name))
+
+    @retrying
+    def list(self, prefix: str = "") -> list[str]:
+        """Names (relative to root) of the objects under `prefix`, sorted; an absent prefix is empty."""
+        base = self.path(prefix) if prefix else self.root
+        self.fs.invalidate_cache(base)
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        root = self.root.rstrip("/") + "/"
+        return sorted(p[len(root):] for p in found if p.startswith(root))
+
+    @retrying
+    def remove_all(self) -> None:
+        for name in self.list():
+            self.fs.rm_file(self.path(name))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(name, buf.getvalue())
+
+
+@contextmanager
+def storage_errors(what: str):
+    """Turn an IO failure into a StorageError that names `what`; never swallowed."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        detail = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise StorageError(f"{what}: {detail}") from e
+
+
+def fetch_to_cache(url: str, storage_options: dict, cache_dir: str) -> str:
+    """A local path for `url`: itself when local, else one download per node into `cache_dir`."""
+    import fcntl
+    import hashlib
+    import os
+
+    fs, path = url_to_fs(url, **storage_options)
+    if is_local(fs):
+        return path
+    target_dir = os.path.join(cache_dir, hashlib.sha256(url.encode()).hexdigest()[:16])
+    target = os.path.join(target_dir, posixpath.basename(path))
+    os.makedirs(target_dir, exist_ok=True)
+    with open(os.path.join(target_dir, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node, other workers wait for it
+        if not os.path.exists(target):
+            with storage_errors(f"{url}: cannot fetch model"):
+                retrying(fs.get_file)(path, target + ".part")
+            os.replace(target + ".part", target)
+    return target

@@ -1,0 +1,151 @@
+"""The worker: a thin Ray actor shell around one engine, reading units ahead and committing them behind."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from runner.batching import END, BatchLoop, UnitWork
+from runner.engines import create_engine
+from runner.errors import InputError
+from runner.output import OutputStore, output_table, unit_stats
+from runner.plan import Unit
+from runner.spec import JobSpec
+from runner.storage import retrying
+
+log = logging.getLogger(__name__)
+
+
+class RowGroupReader:
+    """Reads a unit's row groups; keeps the last row group so slices of a large one are read once."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        inp = spec.input
+        self.columns = list(dict.fromkeys([inp.prompt_column] + ([inp.id_column] if inp.id_column else []) + inp.columns))
+        self.cached: tuple[tuple, pa.Table] | None = None
+
+    @retrying
+    def _read(self, url: str, groups: tuple[int, ...]) -> pa.Table:
+        key = (url, groups)
+        if self.cached and self.cached[0] == key:
+            return self.cached[1]
+        fs, path = url_to_fs(url, **self.spec.input.storage_options)
+        with fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read_row_groups(list(groups), columns=self.columns)
+        self.cached = (key, table)
+        return table
+
+    def read(self, unit: Unit, attempt: int) -> UnitWork:
+        try:
+            table = self._read(unit.source_file, unit.row_groups).slice(unit.skip, unit.num_rows)
+        except (pa.ArrowInvalid, FileNotFoundError) as e:
+            raise InputError(f"{unit.source_file}: cannot read rows {unit.row_start}+{unit.num_rows} ({e})") from e
+        prompts, bad = decode_prompts(table.column(self.spec.input.prompt_column))
+        return UnitWork(unit, attempt, table, prompts, bad)
+
+
+def decode_prompts(column: pa.ChunkedArray) -> tuple[list[str | None], dict[int, str]]:
+    values = column.to_pylist()
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        return values, {}
+    prompts: list[str | None] = []
+    bad: dict[int, str] = {}
+    for i, v in enumerate(values):
+        try:
+            prompts.append(None if v is None else v.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            prompts.append("")
+            bad[i] = f"invalid_utf8: prompt is not valid UTF-8 at byte {e.start}"
+    return prompts, bad
+
+
+class UnitFeed:
+    """Background thread: leases units from the coordinator and reads them, `prefetch` ahead."""
+
+    def __init__(self, coordinator, reader: RowGroupReader, worker: str, prefetch: int):
+        self.coordinator, self.reader, self.worker = coordinator, reader, worker
+        self.ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.thread = threading.Thread(target=self._run, name=f"feed-{worker}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import ray
+
+        while True:
+            lease = ray.get(self.coordinator.next_unit.remote(self.worker))
+            if lease.state == "done":
+                self.ready.put(END)
+                return
+            if lease.state == "wait":
+                time.sleep(0.2)
+                continue
+            try:
+                self.ready.put(self.reader.read(lease.unit, lease.attempt))
+            except Exception as e:
+                log.warning("%s: %s", self.worker, e)
+                self.coordinator.fail.remote(self.worker, lease.unit.id, f"read_error: {e}")
+
+    def get(self, block: bool):
+        try:
+            return self.ready.get(block=block, timeout=None if block else 0)
+        except queue.Empty:
+            return None
+
+
+class Worker:
+    """One engine, fed by a UnitFeed; finished units are committed on a writer thread."""
+
+    def __init__(self, spec: JobSpec, pool_index: int, replica: int, coordinator, run_id: str):
+        self.spec, self.coordinator, self.run_id = spec, coordinator, run_id
+        self.pool = spec.pool_names()[pool_index]
+        self.name = f"{self.pool}-{replica}"
+        self.engine = create_engine(spec.workers[pool_index], spec)
+        self.store = OutputStore(spec)
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        self.pending: list[Future] = []
+        self.tokens = 0
+
+    def ready(self) -> str:
+        return self.name
+
+    def run(self) -> dict:
+        """Work until the coordinator has nothing left; returns this worker's totals."""
+        started = time.time()
+        feed = UnitFeed(self.coordinator, RowGroupReader(self.spec), self.name, self.spec.prefetch_units)
+        BatchLoop(self.engine, feed, self._commit_later, self.spec.sampling).run()
+        for f in self.pending:
+            f.result()
+        wall = time.time() - started
+        return {"worker": self.name, "completion_tokens": self.tokens, "wall_s": wall}
+
+    def _commit_later(self, work: UnitWork) -> None:
+        self.pending = [f for f in self.pending if not f.done()]
+        self.pending.append(self.writer.submit(self._commit, work))
+
+    def _commit(self, work: UnitWork) -> None:
+        unit = work.unit
+        try:
+            table = output_table(self.spec, unit, work.inputs, work.results)
+            stats = unit_stats(unit, work.results, pool=self.pool, worker=self.name, run_id=self.run_id,
+                               attempt=work.attempt, started_at=work.started_at, finished_at=time.time())
+            self.store.commit(unit, table, stats)
+        except Exception as e:
+            log.error("%s: commit of %s failed: %s", self.name, unit.id, e)
+            self.coordinator.fail.remote(self.name, unit.id, f"commit_error: {e}")
+            return
+        self.tokens += stats.completion_tokens
+        totals = {"rows": stats.rows, "rows_ok": stats.rows_ok, "rows_failed": stats.rows_failed,
+                  "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens}
+        self.coordinator.complete.remote(self.name, unit.id, totals)
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)
+        self.engine.close()

@@ -1,0 +1,86 @@
+"""Shared fixtures: a generated GGUF, a real local Ray, a real S3 protocol server (moto) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runner.tinymodel import write_tiny_gguf
+
+S3_KEY = "testing-key-id"
+S3_SECRET = "testing-secret-value-9f3a"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the in-process tests; run_job reuses it instead of starting its own."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port; yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket; the credentials are in the environment as the job spec's ${VAR}s expect."""
+    import uuid
+
+    import s3fs
+
+    monkeypatch.setenv("TEST_S3_KEY", S3_KEY)
+    monkeypatch.setenv("TEST_S3_SECRET", S3_SECRET)
+    monkeypatch.setenv("TEST_S3_ENDPOINT", s3_server)
+    fs = s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, endpoint_url=s3_server, skip_instance_cache=True)
+    name = f"bucket-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(name)
+    return name, fs
+
+
+S3_OPTIONS = {"endpoint_url": "${TEST_S3_ENDPOINT}", "key": "${TEST_S3_KEY}", "secret": "${TEST_S3_SECRET}"}
+
+
+def write_shard(path: str | os.PathLike, prompts: list, ids: list | None = None, fs=None, row_group_size=None, **cols):
+    ids = list(range(len(prompts))) if ids is None else ids
+    table = pa.table({"id": pa.array(ids, pa.int64()), "prompt": pa.array(prompts, pa.string()),
+                      **{k: pa.array(v) for k, v in cols.items()}})
+    if fs is None:
+        pq.write_table(table, str(path), row_group_size=row_group_size)
+    else:
+        with fs.open(str(path), "wb") as f:
+            pq.write_table(table, f, row_group_size=row_group_size)
+    return table
+
+
+def write_job(path: Path, body: str) -> Path:
+    path.write_text(textwrap.dedent(body))
+    return path

@@ -1,0 +1,79 @@
+import pytest
+
+from runner.errors import SpecError
+from runner.spec import JobSpec, parse_spec
+
+BASE = {
+    "name": "j",
+    "input": {"path": "/data/in/", "prompt_column": "prompt"},
+    "output": {"path": "/data/out/"},
+    "workers": [{"engine": "echo"}],
+}
+
+
+def parse(**over):
+    raw = {**BASE, **over}
+    return parse_spec(raw, env={"SECRET": "s3cr3t", "HOST": "example"})
+
+
+def test_defaults_and_absolute_paths():
+    spec, _ = parse(input={"path": "rel/in"})
+    assert spec.unit_rows == 256 and spec.sampling.max_tokens == 64
+    assert spec.input.path.startswith("/") and spec.input.path.endswith("rel/in")
+    assert spec.output.path == "/data/out/"
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"workers": [{"engine": "echo", "replicas": "two"}]}, 'workers[0].replicas: expected an integer, got "two"'),
+    ({"workers": [{"engine": "echo", "replica": 2}]}, "workers[0].replica: unknown key"),
+    ({"sampling": {"temperature": "hot"}}, 'sampling.temperature: expected a number, got "hot"'),
+    ({"input": {"prompt_column": "p"}}, "input.path: required key is missing"),
+    ({"workers": [{"engine": "llamacpp"}]}, "workers[0]: engine 'llamacpp' needs a model"),
+    ({"workers": []}, "workers: List should have at least 1 item after validation, not 0"),
+    ({"unit_rows": 0}, "unit_rows: Input should be greater than or equal to 1, got 0"),
+    ({"bogus": 1}, "bogus: unknown key"),
+])
+def test_errors_name_the_key(over, message):
+    with pytest.raises(SpecError) as e:
+        parse(**over)
+    assert str(e.value) == f"job.yaml: {message}"
+
+
+def test_env_vars_resolved_and_never_saved():
+    spec, redacted = parse(output={"path": "s3://${HOST}/out", "storage_options": {"secret": "${SECRET}",
+                                                                                   "key": "literal-key"}})
+    assert spec.output.path == "s3://example/out"
+    assert spec.output.storage_options["secret"] == "s3cr3t"
+    text = repr(redacted)
+    assert "s3cr3t" not in text and "literal-key" not in text
+    assert redacted["output"]["storage_options"]["secret"] == "${SECRET}"
+
+
+def test_unset_variable_is_named():
+    with pytest.raises(SpecError, match=r"output.storage_options.key: environment variable NOPE is not set"):
+        parse(output={"path": "/o", "storage_options": {"key": "${NOPE}"}})
+
+
+def test_default_in_variable():
+    spec, _ = parse(output={"path": "/o/${MISSING:-fallback}"})
+    assert spec.output.path == "/o/fallback"
+
+
+def test_wrong_type_of_secret_does_not_echo_it():
+    with pytest.raises(SpecError) as e:
+        parse(unit_rows="${SECRET}")
+    assert "s3cr3t" not in str(e.value)
+
+
+def test_fingerprint_changes_with_outputs_not_with_replicas():
+    a, _ = parse()
+    b, _ = parse(workers=[{"engine": "echo", "replicas": 4}])
+    c, _ = parse(sampling={"max_tokens": 5})
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_spec_is_frozen():
+    spec, _ = parse()
+    with pytest.raises(Exception):
+        spec.unit_rows = 3
+    assert isinstance(spec, JobSpec)
