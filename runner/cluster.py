@@ -21,7 +21,9 @@ def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options) -> list[t
 
     started_here = not ray.is_initialized()
     if started_here:
-        ctx = ray.init(address=options.address, include_dashboard=options.dashboard if not options.address else None,
+        # "local" always starts an embedded Ray, even where a `ray start` cluster runs on this machine.
+        ctx = ray.init(address=options.address or "local",
+                       include_dashboard=options.dashboard if not options.address else None,
                        logging_level=logging.WARNING, log_to_driver=True)
         if ctx.dashboard_url:
             log.info("Ray dashboard: http://%s", ctx.dashboard_url)

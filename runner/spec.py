@@ -160,18 +160,24 @@ def parse_spec(raw: dict, env: dict[str, str], source: str = "job.yaml") -> tupl
         spec = JobSpec.model_validate(resolved)
     except ValidationError as e:
         raise SpecError(f"{source}: {_first_error(e, secret_paths)}") from None
-    return spec, redact(raw)
+    return spec, redact(spec.model_dump(mode="json"), raw, secret_paths)
 
 
-def redact(raw: Any, key: str = "") -> Any:
-    """The spec as written, with literal secrets masked; ${VAR} references stay as references."""
-    if isinstance(raw, dict):
-        return {k: redact(v, str(k)) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [redact(v, key) for v in raw]
-    if isinstance(raw, str) and SECRET_KEYS.search(key) and not _VAR.fullmatch(raw.strip()):
+def redact(resolved: Any, raw: Any, secret_paths: set, path: tuple = (), key: str = "") -> Any:
+    """The resolved spec (defaults filled in) that is safe to log or save: a value that came from
+    ${VAR} shows as its reference, a literal value under a secret-looking key as ***."""
+    if path in secret_paths:
+        return raw
+    if isinstance(resolved, dict):
+        sub = raw if isinstance(raw, dict) else {}
+        return {k: redact(v, sub.get(k), secret_paths, path + (k,), str(k)) for k, v in resolved.items()}
+    if isinstance(resolved, list):
+        sub = raw if isinstance(raw, list) else []
+        return [redact(v, sub[i] if i < len(sub) else None, secret_paths, path + (i,), key)
+                for i, v in enumerate(resolved)]
+    if isinstance(resolved, str) and SECRET_KEYS.search(key):
         return "***"
-    return raw
+    return resolved
 
 
 def _interpolate(value: Any, env: dict[str, str], path: tuple, secret_paths: set) -> Any:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
-from runner.errors import StorageError
+from runner.errors import RunnerError, StorageError
 
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
 
@@ -119,7 +119,7 @@ def storage_errors(what: str):
     """Turn an IO failure into a StorageError that names `what`; never swallowed."""
     try:
         yield
-    except StorageError:
+    except RunnerError:
         raise
     except Exception as e:
         detail = getattr(e, "strerror", None) or str(e) or type(e).__name__

@@ -120,9 +120,10 @@ class Worker:
         """Work until the coordinator has nothing left; returns this worker's totals."""
         started = time.time()
         feed = UnitFeed(self.coordinator, RowGroupReader(self.spec), self.name, self.spec.prefetch_units)
-        BatchLoop(self.engine, feed, self._commit_later, self.spec.sampling).run()
-        for f in self.pending:
-            f.result()
+        try:
+            BatchLoop(self.engine, feed, self._commit_later, self.spec.sampling).run()
+        finally:
+            self.close()
         wall = time.time() - started
         return {"worker": self.name, "completion_tokens": self.tokens, "wall_s": wall}
 

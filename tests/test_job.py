@@ -1,0 +1,148 @@
+"""End to end on a real local Ray with real llama.cpp: local disk and a real S3 protocol server."""
+
+import json
+
+import pyarrow.dataset as ds
+import pytest
+
+from runner.errors import InputError, JobConflictError, ModelError
+from runner.job import RunOptions, job_status, run_job
+from runner.spec import parse_spec
+
+from conftest import S3_OPTIONS, S3_SECRET, write_shard
+
+pytest.importorskip("llama_cpp")
+
+GOOD = ["Write a short summary of this review: the price was good.", "the", "Answer the question: is it bad?",
+        "List three words about the service.", "Describe the sound in one sentence."]
+LONG = "word " * 80  # longer than n_ctx below
+
+
+def job(model, inp, out, **over):
+    raw = {
+        "name": "e2e",
+        "input": {"path": inp, "prompt_column": "prompt", "id_column": "id", "columns": ["category"]},
+        "output": {"path": out},
+        "sampling": {"max_tokens": 8},
+        "workers": [{"engine": "llamacpp", "model": model, "replicas": 2, "num_cpus": 1, "n_ctx": 64,
+                     "parallel": 4}],
+        "unit_rows": 8,
+    }
+    for k, v in over.items():
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+    return parse_spec(raw, env=dict(__import__("os").environ))
+
+
+def make_inputs(d, fs=None):
+    """Three shards: bad rows in the first, an empty second, a third of several row groups."""
+    a_prompts = GOOD + [None, "", "   ", LONG] + GOOD
+    shards = {
+        "a.parquet": (a_prompts, list(range(100, 100 + len(a_prompts)))),
+        "b.parquet": ([], []),
+        "c.parquet": ((GOOD * 5)[:23], list(range(200, 223))),
+    }
+    for name, (prompts, ids) in shards.items():
+        write_shard(f"{d}/{name}", prompts, ids, fs=fs, row_group_size=5,
+                    category=[f"cat{i % 3}" for i in range(len(prompts))])
+    return {name: ids for name, (_, ids) in shards.items()}
+
+
+def check_exactly_once(out_url, shards, storage_options=None):
+    table = ds.dataset(out_url.rstrip("/").removeprefix("s3://"), format="parquet",
+                       filesystem=storage_options).to_table()
+    rows = table.to_pylist()
+    keys = [(r["source_file"].rsplit("/", 1)[-1], r["source_row"]) for r in rows]
+    expected = [(name, i) for name, ids in shards.items() for i in range(len(ids))]
+    assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys))
+    for r in rows:  # ids travel with their rows
+        assert r["id"] == shards[r["source_file"].rsplit("/", 1)[-1]][r["source_row"]]
+    return rows
+
+
+def test_local_end_to_end_with_bad_rows(ray_local, tiny_model, tmp_path):
+    (tmp_path / "in").mkdir()
+    shards = make_inputs(tmp_path / "in")
+    spec, resolved = job(tiny_model, str(tmp_path / "in"), str(tmp_path / "out"))
+    m = run_job(spec, resolved, RunOptions(progress=False))
+
+    rows = check_exactly_once(str(tmp_path / "out"), shards)
+    errors = {r["id"]: r["error"] for r in rows if r["error"]}
+    assert sorted(errors) == [105, 106, 107, 108]
+    assert errors[105].startswith("null_prompt") and errors[106].startswith("empty_prompt")
+    assert errors[108].startswith("prompt_too_long")
+    ok = [r for r in rows if not r["error"]]
+    assert all(r["text"] is not None and r["finish_reason"] in ("stop", "length") for r in ok)
+    assert all(r["completion_tokens"] <= 8 and r["prompt_tokens"] > 0 for r in ok)
+    assert all(r["text"] is None for r in rows if r["error"])
+
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest == m
+    assert (m["rows"], m["rows_ok"], m["rows_failed"]) == (37, 33, 4)
+    assert m["errors"] == {"null_prompt": 1, "empty_prompt": 2, "prompt_too_long": 1}
+    assert m["units_this_run"] == m["units_total"] == len(list((tmp_path / "out" / "_commits").iterdir()))
+    assert m["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
+    assert set(m["pools"]["llamacpp0"]["workers"]) <= {"llamacpp0-0", "llamacpp0-1"}
+    assert m["spec"]["workers"][0]["parallel"] == 4  # the resolved spec, defaults included
+
+    import duckdb
+    import pandas as pd
+
+    # Readers need no options: the _ bookkeeping files are skipped, every part has one schema.
+    assert len(pd.read_parquet(tmp_path / "out")) == 37
+    assert duckdb.sql(f"select count(*) from '{tmp_path}/out/*.parquet'").fetchall() == [(37,)]
+
+
+def test_resume_skips_committed_units_and_refuses_another_job(ray_local, tiny_model, tmp_path):
+    (tmp_path / "in").mkdir()
+    shards = make_inputs(tmp_path / "in")
+    spec, resolved = job(tiny_model, str(tmp_path / "in"), str(tmp_path / "out"))
+    first = run_job(spec, resolved, RunOptions(progress=False))
+    commits = sorted((tmp_path / "out" / "_commits").iterdir())
+    for marker in commits[:2]:  # as if the job had died before these two commits
+        marker.unlink()
+    kept = {p.name: p.read_bytes() for p in commits[2:]}
+
+    again = run_job(spec, resolved, RunOptions(progress=False))
+    assert again["units_skipped"] == first["units_total"] - 2 and again["units_this_run"] == 2
+    assert {p.name: p.read_bytes() for p in commits[2:]} == kept  # not generated again
+    check_exactly_once(str(tmp_path / "out"), shards)
+    assert job_status(spec)["units_done"] == first["units_total"]
+
+    other, other_resolved = job(tiny_model, str(tmp_path / "in"), str(tmp_path / "out"), sampling={"max_tokens": 3})
+    with pytest.raises(JobConflictError, match="different spec"):
+        run_job(other, other_resolved, RunOptions(progress=False))
+    m = run_job(other, other_resolved, RunOptions(progress=False, overwrite=True))
+    assert m["units_skipped"] == 0 and max(r["completion_tokens"] for r in
+                                         check_exactly_once(str(tmp_path / "out"), shards)) <= 3
+
+
+def test_s3_input_and_output_with_secrets_kept_out(ray_local, tiny_model, s3_bucket):
+    bucket, fs = s3_bucket
+    shards = make_inputs(f"{bucket}/prompts", fs=fs)
+    spec, resolved = job(tiny_model, f"s3://{bucket}/prompts/", f"s3://{bucket}/out/e2e/",
+                         input={"storage_options": S3_OPTIONS}, output={"storage_options": S3_OPTIONS})
+    m = run_job(spec, resolved, RunOptions(progress=False))
+    assert m["rows"] == 37 and m["rows_failed"] == 4
+    fs.invalidate_cache()
+    check_exactly_once(f"{bucket}/out/e2e", shards, storage_options=fs)
+    assert fs.exists(f"{bucket}/out/e2e/_SUCCESS")
+    for name in fs.find(f"{bucket}/out/e2e"):
+        if not name.endswith(".parquet"):
+            assert S3_SECRET.encode() not in fs.cat_file(name), name
+
+
+def test_validation_errors_before_any_work(tiny_model, tmp_path):
+    (tmp_path / "in").mkdir()
+    make_inputs(tmp_path / "in")
+    spec, resolved = job(str(tmp_path / "nope.gguf"), str(tmp_path / "in"), str(tmp_path / "out"))
+    with pytest.raises(ModelError, match=r"workers\[0\].model: .*nope.gguf does not exist"):
+        run_job(spec, resolved)
+    (tmp_path / "fake.gguf").write_bytes(b"not a model")
+    spec, resolved = job(str(tmp_path / "fake.gguf"), str(tmp_path / "in"), str(tmp_path / "out"))
+    with pytest.raises(ModelError, match="is not a GGUF file"):
+        run_job(spec, resolved)
+    spec, resolved = job(tiny_model, str(tmp_path / "in"), str(tmp_path / "out"), input={"prompt_column": "text"})
+    with pytest.raises(InputError, match="column 'text'"):
+        run_job(spec, resolved)
+    assert not (tmp_path / "out" / "_job.json").exists()
