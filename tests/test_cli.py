@@ -1,0 +1,150 @@
+"""The CLI in-process (click's CliRunner) and as a real process, including a SIGKILL mid-job."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from click.testing import CliRunner
+
+from runner.cli import main
+
+from conftest import write_job, write_shard
+
+RUNNER = [sys.executable, "-m", "runner.cli"]
+
+
+def job_yaml(tmp_path, model="MODEL", inp=None, extra="", unit_rows=8, max_tokens=8):
+    return write_job(tmp_path / "job.yaml", f"""
+        name: cli-job
+        input:
+          path: {inp or tmp_path / 'in'}
+          prompt_column: prompt
+          id_column: id
+        output:
+          path: {tmp_path / 'out'}
+        sampling: {{max_tokens: {max_tokens}}}
+        workers:
+          - engine: llamacpp
+            model: {model}
+            replicas: 1
+            num_cpus: 1
+            n_ctx: 128
+            parallel: 4
+        unit_rows: {unit_rows}
+        {extra}
+        """)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    (tmp_path / "in").mkdir()
+    write_shard(tmp_path / "in" / "a.parquet", ["the price was good", "the", None] * 4)
+    return tmp_path / "in"
+
+
+def sub(path: Path, old: str, new: str) -> Path:
+    path.write_text(path.read_text().replace(old, new, 1))
+    return path
+
+
+@pytest.mark.parametrize("edit, code, message", [
+    (lambda p, m: p.with_name("missing.yaml"), 2, "missing.yaml: cannot read job spec"),
+    (lambda p, m: sub(p, "unit_rows", "bogus: 1\nunit_rows"), 2, "job.yaml: bogus: unknown key"),
+    (lambda p, m: sub(p, "replicas: 1", "replicas: two"), 2,
+     'workers[0].replicas: expected an integer, got "two"'),
+    (lambda p, m: sub(p, "prompt_column: prompt", "prompt_column: q"), 3,
+     "column 'q' (input.prompt_column) not found"),
+    (lambda p, m: sub(p, m, m + ".nope"), 4, "does not exist"),
+    (lambda p, m: sub(p, "unit_rows", ": : :\nunit_rows"), 2, "not valid YAML"),
+    (lambda p, m: sub(p, "path: /", "path: ${NOT_SET_ANYWHERE}/"), 2,
+     "input.path: environment variable NOT_SET_ANYWHERE is not set"),
+])
+@pytest.mark.parametrize("command", ["validate", "submit"])
+def test_user_errors_are_one_line_and_exit_non_zero(tmp_path, tiny_model, inputs, edit, code, message, command):
+    path = edit(job_yaml(tmp_path, tiny_model), tiny_model)
+    result = CliRunner().invoke(main, [command, str(path)])
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate_prints_the_plan(tmp_path, tiny_model, inputs):
+    result = CliRunner().invoke(main, ["validate", str(job_yaml(tmp_path, tiny_model))])
+    assert result.exit_code == 0, result.output
+    assert "1 input files, 12 rows, 2 units of up to 8 rows" in result.output
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # runs nothing
+
+
+def test_output_not_writable_is_named(tmp_path, tiny_model, inputs):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    path = write_job(tmp_path / "j.yaml", job_yaml(tmp_path, tiny_model).read_text().replace(
+        f"path: {tmp_path / 'out'}", f"path: {blocker}/out"))
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 5 and "is not writable" in result.output and "Traceback" not in result.output
+
+
+def test_subprocess_error_exit_and_stderr(tmp_path, tiny_model, inputs):
+    path = job_yaml(tmp_path, tiny_model)
+    path.write_text(path.read_text().replace("parallel: 4", "parallel: many"))
+    proc = subprocess.run(RUNNER + ["submit", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ['error: ' + f'{path}: workers[0].parallel: expected an integer, got "many"']
+
+
+def test_status_before_and_after(tmp_path, tiny_model, inputs, ray_local):
+    path = job_yaml(tmp_path, tiny_model)
+    assert "not started" in CliRunner().invoke(main, ["status", str(path)]).output
+    assert CliRunner().invoke(main, ["submit", "--no-progress", str(path)]).exit_code == 0
+    out = CliRunner().invoke(main, ["status", str(path)]).output
+    assert "succeeded; units 2/2, rows 12/12 (8 ok, 4 failed)" in out
+    data = json.loads(CliRunner().invoke(main, ["status", "--json", str(path)]).output)
+    assert data["rows_failed"] == 4 and data["errors"] == {"null_prompt": 4}
+
+
+def committed(out: Path) -> dict[str, bytes]:
+    d = out / "_commits"
+    return {p.name: p.read_bytes() for p in d.iterdir()} if d.exists() else {}
+
+
+def test_sigkill_mid_job_then_resume(tmp_path, tiny_model):
+    """Kill `runner submit` with SIGKILL while it commits units; the next submit finishes the rest only."""
+    (tmp_path / "in").mkdir()
+    prompts = [f"Write a short summary of review {i}: the price was good" for i in range(1200)]
+    write_shard(tmp_path / "in" / "a.parquet", prompts, row_group_size=20)
+    path = job_yaml(tmp_path, tiny_model, unit_rows=20, max_tokens=48)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(RUNNER + ["submit", "--no-dashboard", str(path)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while len(committed(tmp_path / "out")) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = committed(tmp_path / "out")
+    try:  # what the killed driver's Ray left behind in its session goes too
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    assert 3 <= len(before) < 60, f"killed with {len(before)} of 60 units committed"
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    time.sleep(2)  # let the killed job's Ray processes wind down
+
+    done = subprocess.run(RUNNER + ["submit", "--no-dashboard", "--no-progress", str(path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["units_skipped"] >= len(before)
+    assert manifest["units_skipped"] + manifest["units_this_run"] == manifest["units_total"] == 60
+    after = committed(tmp_path / "out")
+    assert {k: after[k] for k in before} == before  # committed before the kill: not generated again
+    rows = ds.dataset(tmp_path / "out", format="parquet").to_table(columns=["source_row", "error"]).to_pylist()
+    assert sorted(r["source_row"] for r in rows) == list(range(1200))  # none lost, none twice
+    assert all(r["error"] is None for r in rows)
