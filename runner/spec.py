@@ -72,9 +72,9 @@ class OutputSpec(_Model):
 class WorkerPool(_Model):
     """A pool of identical Ray actors, each wrapping one engine."""
 
-    engine: Literal["llamacpp", "vllm", "echo"] = Field(description="Engine every replica runs.")
+    engine: Literal["llamacpp", "echo"] = Field(description="Engine every replica runs.")
     name: str | None = Field(None, description="Pool name in logs, actor names and the manifest.")
-    model: str | None = Field(None, description="GGUF path or fsspec URL (llamacpp); model id or path (vllm).")
+    model: str | None = Field(None, description="GGUF file: a path or any fsspec URL, fetched once per node.")
     model_storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for model.")
     replicas: int = Field(1, ge=1, description="Actors in the pool.")
     num_cpus: float = Field(1, ge=0, description="CPUs each actor reserves; llama.cpp uses as many threads.")
@@ -85,17 +85,16 @@ class WorkerPool(_Model):
     n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default num_cpus.")
     n_batch: int = Field(512, ge=1, description="Most tokens in one llama.cpp decode call.")
     flash_attn: bool = Field(False, description="llama.cpp flash attention (off keeps batched = single outputs).")
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="Passed to vLLM's EngineArgs unchanged.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Engine-specific settings passed through.")
 
     @field_validator("model")
     @classmethod
     def _abs(cls, v: str | None) -> str | None:
-        # A vLLM model is usually a hub id ("org/name"): only an existing local path is made absolute.
-        return absolute_local(v) if v and (os.path.exists(v) or v.endswith(".gguf")) else v
+        return absolute_local(v)
 
     @model_validator(mode="after")
     def _needs_model(self) -> "WorkerPool":
-        if self.engine != "echo" and not self.model:
+        if self.engine == "llamacpp" and not self.model:
             raise ValueError(f"engine {self.engine!r} needs a model")
         return self
 

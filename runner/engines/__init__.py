@@ -9,7 +9,6 @@ from runner.spec import JobSpec, WorkerPool
 
 ENGINES = {
     "llamacpp": "runner.engines.llamacpp:LlamaCppEngine",
-    "vllm": "runner.engines.vllm:VllmEngine",
     "echo": "runner.engines.echo:EchoEngine",
 }
 
