@@ -7,10 +7,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runner.errors import SpecError
 
@@ -46,27 +46,20 @@ class Sampling(_Model):
     stop: list[str] = Field(default_factory=list, description="Strings that end a row; never part of `text`.")
 
 
+PathOrUrl = Annotated[str, AfterValidator(absolute_local)]
+
+
 class InputSpec(_Model):
-    path: str = Field(description="A Parquet file, a directory (every *.parquet below it) or a glob; any fsspec URL.")
+    path: PathOrUrl = Field(description="A Parquet file, a directory (every *.parquet below it) or a glob; any fsspec URL.")
     prompt_column: str = Field("prompt", description="String column holding the prompt.")
     id_column: str | None = Field(None, description="Column copied to the output to join results back.")
     columns: list[str] = Field(default_factory=list, description="More columns copied to the output.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for input.path.")
 
-    @field_validator("path")
-    @classmethod
-    def _abs(cls, v: str) -> str:
-        return absolute_local(v)
-
 
 class OutputSpec(_Model):
-    path: str = Field(description="Directory (any fsspec URL) that receives Parquet parts and bookkeeping files.")
+    path: PathOrUrl = Field(description="Directory (any fsspec URL) that receives Parquet parts and bookkeeping files.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for output.path.")
-
-    @field_validator("path")
-    @classmethod
-    def _abs(cls, v: str) -> str:
-        return absolute_local(v)
 
 
 class WorkerPool(_Model):
@@ -74,7 +67,7 @@ class WorkerPool(_Model):
 
     engine: Literal["llamacpp", "echo"] = Field(description="Engine every replica runs.")
     name: str | None = Field(None, description="Pool name in logs, actor names and the manifest.")
-    model: str | None = Field(None, description="GGUF file: a path or any fsspec URL, fetched once per node.")
+    model: PathOrUrl | None = Field(None, description="GGUF file: a path or any fsspec URL, fetched once per node.")
     model_storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for model.")
     replicas: int = Field(1, ge=1, description="Actors in the pool.")
     num_cpus: float = Field(1, ge=0, description="CPUs each actor reserves; llama.cpp uses as many threads.")
@@ -86,11 +79,6 @@ class WorkerPool(_Model):
     n_batch: int = Field(512, ge=1, description="Most tokens in one llama.cpp decode call.")
     flash_attn: bool = Field(False, description="llama.cpp flash attention (off keeps batched = single outputs).")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Engine-specific settings passed through.")
-
-    @field_validator("model")
-    @classmethod
-    def _abs(cls, v: str | None) -> str | None:
-        return absolute_local(v)
 
     @model_validator(mode="after")
     def _needs_model(self) -> "WorkerPool":
