@@ -85,8 +85,8 @@ def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str,
     except Exception:  # the input itself may be what fails; keep the rows' positions at least
         cols = ([spec.input.id_column] if spec.input.id_column else []) + list(spec.input.columns)
         inputs = pa.table({c: pa.nulls(unit.num_rows) for c in cols} or {"_": pa.nulls(unit.num_rows)})
-    kind = error.split(":", 1)[0] if ":" in error[:40] else "unit_failed"
-    results = [Completion.failed(i, f"{kind}: {error}"[:2000]) for i in range(unit.num_rows)]
+    message = f"unit_failed: after {spec.max_attempts} attempts: {error}"[:2000]
+    results = [Completion.failed(i, message) for i in range(unit.num_rows)]
     stats = unit_stats(unit, results, pool="-", worker="-", run_id=run_id, attempt=spec.max_attempts,
                        started_at=time.time(), finished_at=time.time())
     store.commit(unit, output_table(spec, unit, inputs, results), stats)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -192,7 +191,3 @@ def _rate(ms: list[UnitStats], run_id: str | None) -> dict:
     toks = sum(m.completion_tokens for m in mine)
     return {"units": len(ms), "rows": sum(m.rows for m in ms), "completion_tokens": sum(m.completion_tokens for m in ms),
             "tokens_per_s": round(toks / span, 1) if span > 0 else 0.0}
-
-
-def now() -> float:
-    return time.time()

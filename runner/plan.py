@@ -61,8 +61,9 @@ def make_plan(spec: JobSpec) -> Plan:
     """List and inspect the input; raises InputError naming the file or column at fault."""
     urls = list_inputs(spec.input.path, spec.input.storage_options)
     with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
-        files = list(pool.map(lambda u: inspect_file(spec, u), urls))
-    _check_same_types(spec, urls)
+        inspected = list(pool.map(lambda u: inspect_file(spec, u), urls))
+    _check_same_types(spec, inspected)
+    files = [f for f, _ in inspected]
     units = [u for i, f in enumerate(files) for u in cut_units(i, f, spec.unit_rows)]
     return Plan(tuple(files), tuple(units))
 
@@ -117,7 +118,7 @@ def read_footer(url: str, storage_options: dict) -> pq.FileMetaData:
         raise StorageError(f"{url}: cannot read ({e})") from None
 
 
-def inspect_file(spec: JobSpec, url: str) -> InputFile:
+def inspect_file(spec: JobSpec, url: str) -> tuple[InputFile, pa.Schema]:
     meta = read_footer(url, spec.input.storage_options)
     schema = meta.schema.to_arrow_schema()
     inp = spec.input
@@ -132,17 +133,15 @@ def inspect_file(spec: JobSpec, url: str) -> InputFile:
             or pa.types.is_large_binary(ptype) or pa.types.is_null(ptype)):
         raise InputError(f"{url}: prompt column {inp.prompt_column!r} has type {ptype}, expected string")
     groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-    return InputFile(url, meta.num_rows, groups)
+    return InputFile(url, meta.num_rows, groups), schema
 
 
-def _check_same_types(spec: JobSpec, urls: list[str]) -> None:
+def _check_same_types(spec: JobSpec, inspected: list[tuple[InputFile, pa.Schema]]) -> None:
     """Copied columns must have one type across shards, or the output parts would not read as one dataset."""
     cols = ([spec.input.id_column] if spec.input.id_column else []) + list(spec.input.columns)
-    if not cols or len(urls) < 2:
-        return
     first = None
-    for url in urls:
-        schema = read_footer(url, spec.input.storage_options).schema.to_arrow_schema()
+    for f, schema in inspected:
+        url = f.url
         types = {c: schema.field(c).type for c in cols}
         if first is None:
             first = (url, types)

@@ -146,3 +146,42 @@ def test_validation_errors_before_any_work(tiny_model, tmp_path):
     with pytest.raises(InputError, match="column 'text'"):
         run_job(spec, resolved)
     assert not (tmp_path / "out" / "_job.json").exists()
+
+
+def echo_job(tmp_path, **over):
+    raw = {"name": "echo", "input": {"path": str(tmp_path / "in"), "id_column": "id"},
+           "output": {"path": str(tmp_path / "out")}, "workers": [{"engine": "echo", "num_cpus": 0.5}],
+           "unit_rows": 4, **over}
+    return parse_spec(raw, env={})
+
+
+def test_failed_rows_over_the_limit_fail_the_job_without_success(ray_local, tmp_path):
+    from runner.errors import JobFailedError
+
+    (tmp_path / "in").mkdir()
+    write_shard(tmp_path / "in" / "a.parquet", ["a b", None, "c", None, "d"])
+    spec, resolved = echo_job(tmp_path, max_failed_rows=1)
+    with pytest.raises(JobFailedError, match="2 of 5 rows failed, more than max_failed_rows"):
+        run_job(spec, resolved, RunOptions(progress=False))
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["status"] == "failed" and not (tmp_path / "out" / "_SUCCESS").exists()
+    spec, resolved = echo_job(tmp_path, max_failed_rows=0.5)  # a fraction: 2 of 5 is within it
+    assert run_job(spec, resolved, RunOptions(progress=False))["status"] == "succeeded"
+
+
+def test_a_given_up_unit_is_written_as_failed_rows(tmp_path):
+    from runner.job import write_failed_unit
+    from runner.output import OutputStore
+    from runner.plan import make_plan
+
+    (tmp_path / "in").mkdir()
+    write_shard(tmp_path / "in" / "a.parquet", ["a", "b", "c", "d", "e", "f"], ids=[7, 8, 9, 10, 11, 12])
+    spec, resolved = echo_job(tmp_path)
+    plan = make_plan(spec)
+    store = OutputStore(spec)
+    store.begin(plan, resolved, overwrite=False)
+    write_failed_unit(spec, store, plan.units[1], "worker echo0-0 lost: killed", "run1")
+    rows = ds.dataset(tmp_path / "out", format="parquet").to_table().to_pylist()
+    assert [(r["source_row"], r["id"]) for r in rows] == [(4, 11), (5, 12)]
+    assert all(r["text"] is None and r["error"].startswith("unit_failed: after 3 attempts: worker") for r in rows)
+    assert store.committed_ids() == {plan.units[1].id}

@@ -56,3 +56,10 @@ def test_input_errors_name_the_culprit(tmp_path, setup, inp, message):
     with pytest.raises(InputError) as e:
         make_plan(spec_for(d, **inp))
     assert message in str(e.value)
+
+
+def test_copied_column_type_must_agree_across_shards(tmp_path):
+    write_shard(tmp_path / "a.parquet", ["x"], category=["c"])
+    write_shard(tmp_path / "b.parquet", ["y"], category=[3])
+    with pytest.raises(InputError, match=r"b.parquet: column 'category' has type int64 but .*a.parquet has string"):
+        make_plan(spec_for(tmp_path, columns=["category"]))
