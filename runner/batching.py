@@ -90,7 +90,7 @@ class BatchLoop:
             request = Request(next(self.ids), prompt, self.sampling)
             self.owners[request.id] = (work, row)
             self.engine.add(request)
-        if work.remaining == 0 and not work.prompts:
+        if not work.prompts:  # an empty unit settles no row, so nothing else would finish it
             self.on_unit_done(work)
 
     def _record(self, completion: Completion) -> None:

@@ -7,11 +7,15 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import pyarrow as pa
+
+from runner.engines.base import Completion
 from runner.errors import JobFailedError, ModelError
-from runner.output import OutputStore, UnitStats, output_table, summarize
+from runner.output import OutputStore, output_table, summarize, unit_stats
 from runner.plan import Plan, Unit, make_plan
 from runner.spec import JobSpec
 from runner.storage import storage_errors
+from runner.worker import RowGroupReader
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +78,6 @@ def run_job(spec: JobSpec, resolved_spec: dict, options: RunOptions = RunOptions
 
 def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str, run_id: str) -> None:
     """A unit that failed every attempt: its rows are written with the error, so none is lost."""
-    from runner.engines.base import Completion
-    from runner.output import unit_stats
-    from runner.worker import RowGroupReader
-
-    import pyarrow as pa
-
     try:
         inputs = RowGroupReader(spec).read(unit, 0).inputs
     except Exception:  # the input itself may be what fails; keep the rows' positions at least
@@ -95,10 +93,9 @@ def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str,
 
 
 def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: float, skipped: int) -> dict:
-    markers = store.markers()
-    committed = {m.unit_id for m in markers}
-    missing = [u.id for u in plan.units if u.id not in committed]
-    mine = [m for m in markers if m.unit_id in {u.id for u in plan.units}]
+    plan_ids = {u.id for u in plan.units}
+    mine = [m for m in store.markers() if m.unit_id in plan_ids]
+    missing = sorted(plan_ids - {m.unit_id for m in mine})
     summary = summarize(mine, spec.pool_names(), run_id)
     wall = time.time() - started
     this_run = [m for m in mine if m.run_id == run_id]

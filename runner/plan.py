@@ -82,9 +82,9 @@ def list_inputs(url: str, storage_options: dict) -> list[str]:
             found = [path]
         else:
             raise InputError(f"input.path: {url} does not exist")
-    except (PermissionError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise InputError(f"input.path: {url} does not exist") from None
+    except FileNotFoundError:
+        raise InputError(f"input.path: {url} does not exist") from None
+    except OSError as e:
         raise StorageError(f"input.path: cannot list {url} ({e})") from None
     if not found:
         raise InputError(f"input.path: no files match {url}")
@@ -105,11 +105,16 @@ def _with_protocol(protocol: str, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
+@retrying
+def _footer(fs, path: str) -> pq.FileMetaData:
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata
+
+
 def read_footer(url: str, storage_options: dict) -> pq.FileMetaData:
     fs, path = url_to_fs(url, **storage_options)
     try:
-        with fs.open(path, "rb") as f:
-            return retrying(lambda: pq.ParquetFile(f).metadata)()
+        return _footer(fs, path)
     except pa.ArrowInvalid as e:
         raise InputError(f"{url}: not a readable Parquet file ({e})") from None
     except FileNotFoundError:
@@ -139,15 +144,12 @@ def inspect_file(spec: JobSpec, url: str) -> tuple[InputFile, pa.Schema]:
 def _check_same_types(spec: JobSpec, inspected: list[tuple[InputFile, pa.Schema]]) -> None:
     """Copied columns must have one type across shards, or the output parts would not read as one dataset."""
     cols = ([spec.input.id_column] if spec.input.id_column else []) + list(spec.input.columns)
-    first = None
-    for f, schema in inspected:
-        url = f.url
-        types = {c: schema.field(c).type for c in cols}
-        if first is None:
-            first = (url, types)
-        for c, t in types.items():
-            if not (t.equals(first[1][c]) or pa.types.is_null(t) or pa.types.is_null(first[1][c])):
-                raise InputError(f"{url}: column {c!r} has type {t} but {first[0]} has {first[1][c]}")
+    first_file, first_schema = inspected[0]
+    for f, schema in inspected[1:]:
+        for c in cols:
+            t, t0 = schema.field(c).type, first_schema.field(c).type
+            if not (t.equals(t0) or pa.types.is_null(t) or pa.types.is_null(t0)):
+                raise InputError(f"{f.url}: column {c!r} has type {t} but {first_file.url} has {t0}")
 
 
 def cut_units(file_index: int, f: InputFile, unit_rows: int) -> list[Unit]:

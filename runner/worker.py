@@ -6,7 +6,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -110,7 +110,6 @@ class Worker:
         self.engine = create_engine(spec.workers[pool_index], spec)
         self.store = OutputStore(spec)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
-        self.pending: list[Future] = []
         self.tokens = 0
 
     def ready(self) -> str:
@@ -121,15 +120,14 @@ class Worker:
         started = time.time()
         feed = UnitFeed(self.coordinator, RowGroupReader(self.spec), self.name, self.spec.prefetch_units)
         try:
-            BatchLoop(self.engine, feed, self._commit_later, self.spec.sampling).run()
+            BatchLoop(self.engine, feed, self._commit_later, self.spec.sampling).run()  # close() waits for commits
         finally:
             self.close()
         wall = time.time() - started
         return {"worker": self.name, "completion_tokens": self.tokens, "wall_s": wall}
 
     def _commit_later(self, work: UnitWork) -> None:
-        self.pending = [f for f in self.pending if not f.done()]
-        self.pending.append(self.writer.submit(self._commit, work))
+        self.writer.submit(self._commit, work)
 
     def _commit(self, work: UnitWork) -> None:
         unit = work.unit
