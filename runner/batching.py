@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from runner.engines.base import Completion, Engine, Request
 from runner.plan import Unit
+from runner.rows import Rows, row_error
 from runner.spec import Sampling
 
 log = logging.getLogger(__name__)
@@ -26,28 +27,18 @@ class UnitWork:
     unit: Unit
     attempt: int
     inputs: pa.Table
-    prompts: list[str | None]
-    bad: dict[int, str] = field(default_factory=dict)  # rows already known to fail, with their error
+    rows: Rows
     results: list[Completion | None] = field(default_factory=list)
     remaining: int = 0
     started_at: float = 0.0
 
     def __post_init__(self):
-        self.results = [None] * len(self.prompts)
-        self.remaining = len(self.prompts)
+        self.results = [None] * len(self.rows.prompts)
+        self.remaining = len(self.rows.prompts)
 
 
 class Feed(Protocol):
     def get(self, block: bool) -> "UnitWork | object | None": ...
-
-
-def row_error(prompt: str | None) -> str | None:
-    """Errors a row has before it reaches an engine."""
-    if prompt is None:
-        return "null_prompt: prompt is null"
-    if not prompt.strip():
-        return "empty_prompt: prompt is empty"
-    return None
 
 
 class BatchLoop:
@@ -82,15 +73,20 @@ class BatchLoop:
 
     def _admit(self, work: UnitWork) -> None:
         work.started_at = time.time()
-        for row, prompt in enumerate(work.prompts):
-            error = work.bad.get(row) or row_error(prompt)
+        rows = work.rows
+        for row, prompt in enumerate(rows.prompts):
+            error = rows.bad.get(row) or row_error(prompt)
             if error:
                 self._settle(work, row, Completion.failed(-1, error))
                 continue
-            request = Request(next(self.ids), prompt, self.sampling)
+            sampling = rows.samplings[row] if rows.samplings else self.sampling
+            if rows.chat:
+                request = Request(next(self.ids), None, sampling, messages=prompt)
+            else:
+                request = Request(next(self.ids), prompt, sampling)
             self.owners[request.id] = (work, row)
             self.engine.add(request)
-        if not work.prompts:  # an empty unit settles no row, so nothing else would finish it
+        if not rows.prompts:  # an empty unit settles no row, so nothing else would finish it
             self.on_unit_done(work)
 
     def _record(self, completion: Completion) -> None:

@@ -38,6 +38,7 @@ class UnitStats:
     started_at: float = 0.0
     finished_at: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
+    prompt_tokens_reused: int = 0  # taken from a shared prefix's KV instead of computed
 
 
 def error_kind(error: str) -> str:
@@ -70,7 +71,8 @@ def unit_stats(unit: Unit, results: list[Completion], **who) -> UnitStats:
     return UnitStats(
         unit_id=unit.id, rows=unit.num_rows, rows_ok=unit.num_rows - failed, rows_failed=failed,
         prompt_tokens=sum(r.prompt_tokens for r in results),
-        completion_tokens=sum(r.completion_tokens for r in results), errors=dict(errors), **who,
+        completion_tokens=sum(r.completion_tokens for r in results), errors=dict(errors),
+        prompt_tokens_reused=sum(r.cached_tokens for r in results), **who,
     )
 
 
@@ -159,7 +161,8 @@ def summarize(markers: list[UnitStats], pools: list[str], run_id: str | None = N
     by_pool: dict[str, list[UnitStats]] = defaultdict(list)
     for m in markers:
         tot.update(rows=m.rows, rows_ok=m.rows_ok, rows_failed=m.rows_failed, units=1,
-                   prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens)
+                   prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens,
+                   prompt_tokens_reused=m.prompt_tokens_reused)
         errors.update(m.errors)
         by_pool[m.pool].append(m)
     out = dict(tot)
@@ -178,6 +181,7 @@ def _group(ms: list[UnitStats], run_id: str | None) -> dict:
     return {
         "units": len(ms), "rows": sum(m.rows for m in ms),
         "completion_tokens": sum(m.completion_tokens for m in ms),
+        "prompt_tokens_reused": sum(m.prompt_tokens_reused for m in ms),
         "workers": rates, "tokens_per_s": round(sum(r["tokens_per_s"] for r in rates.values()), 1),
     }
 

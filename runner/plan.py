@@ -127,18 +127,39 @@ def inspect_file(spec: JobSpec, url: str) -> tuple[InputFile, pa.Schema]:
     meta = read_footer(url, spec.input.storage_options)
     schema = meta.schema.to_arrow_schema()
     inp = spec.input
-    wanted = [("input.prompt_column", inp.prompt_column)]
+    source_key = "input.messages_column" if inp.messages_column else "input.prompt_column"
+    wanted = [(source_key, inp.row_column)]
+    wanted += [("input.sampling_column", inp.sampling_column)] if inp.sampling_column else []
     wanted += [("input.id_column", inp.id_column)] if inp.id_column else []
     wanted += [(f"input.columns[{i}]", c) for i, c in enumerate(inp.columns)]
     for key, col in wanted:
         if col not in schema.names:
             raise InputError(f"{url}: column {col!r} ({key}) not found; columns are {schema.names}")
-    ptype = schema.field(inp.prompt_column).type
-    if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype) or pa.types.is_binary(ptype)
-            or pa.types.is_large_binary(ptype) or pa.types.is_null(ptype)):
+    ptype = schema.field(inp.row_column).type
+    if inp.messages_column:
+        if not (_is_text(ptype) or _is_messages(ptype)):
+            raise InputError(f"{url}: messages column {inp.messages_column!r} has type {ptype}, expected a list of "
+                             "struct<role: string, content: string> or JSON text")
+    elif not (_is_text(ptype) or pa.types.is_binary(ptype) or pa.types.is_large_binary(ptype)):
         raise InputError(f"{url}: prompt column {inp.prompt_column!r} has type {ptype}, expected string")
+    if inp.sampling_column:
+        stype = schema.field(inp.sampling_column).type
+        if not (_is_text(stype) or pa.types.is_struct(stype)):
+            raise InputError(f"{url}: sampling column {inp.sampling_column!r} has type {stype}, expected a struct "
+                             "or a JSON object string")
     groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     return InputFile(url, meta.num_rows, groups), schema
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def _is_messages(t: pa.DataType) -> bool:
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+        return False
+    names = {t.value_type.field(i).name for i in range(t.value_type.num_fields)}
+    return {"role", "content"} <= names
 
 
 def _check_same_types(spec: JobSpec, inspected: list[tuple[InputFile, pa.Schema]]) -> None:

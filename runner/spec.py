@@ -51,10 +51,35 @@ PathOrUrl = Annotated[str, AfterValidator(absolute_local)]
 
 class InputSpec(_Model):
     path: PathOrUrl = Field(description="A Parquet file, a directory (every *.parquet below it) or a glob; any fsspec URL.")
-    prompt_column: str = Field("prompt", description="String column holding the prompt.")
+    prompt_column: str | None = Field("prompt", description="String column holding the prompt.")
+    messages_column: str | None = Field(
+        None, description="Chat rows instead of prompts: a list of {role, content} (or its JSON), rendered with "
+                          "the model's chat template.")
+    sampling_column: str | None = Field(
+        None, description="Per-row sampling overrides on top of `sampling`: a struct or a JSON object string.")
     id_column: str | None = Field(None, description="Column copied to the output to join results back.")
     columns: list[str] = Field(default_factory=list, description="More columns copied to the output.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for input.path.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _messages_replace_prompt(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("messages_column") and "prompt_column" not in data:
+            data = {**data, "prompt_column": None}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "InputSpec":
+        if self.messages_column and self.prompt_column:
+            raise ValueError("give prompt_column or messages_column, not both")
+        if not (self.messages_column or self.prompt_column):
+            raise ValueError("give prompt_column or messages_column")
+        return self
+
+    @property
+    def row_column(self) -> str:
+        """The column each row's prompt (or chat) comes from."""
+        return self.messages_column or self.prompt_column  # type: ignore[return-value]
 
 
 class OutputSpec(_Model):
@@ -78,6 +103,12 @@ class WorkerPool(_Model):
     n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default num_cpus.")
     n_batch: int = Field(512, ge=1, description="Most tokens in one llama.cpp decode call.")
     flash_attn: bool = Field(False, description="llama.cpp flash attention (off keeps batched = single outputs).")
+    kv_unified: bool = Field(False, description="One KV buffer shared by all sequences (llamacpp).")
+    prefix_reuse: bool = Field(
+        True, description="Compute a token prefix shared by queued prompts once and copy its KV to each (llamacpp).")
+    prefix_min_tokens: int = Field(32, ge=1, description="Shortest shared prefix worth reusing.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for messages_column; default: the one in the GGUF metadata.")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Engine-specific settings passed through.")
 
     @model_validator(mode="after")
@@ -85,6 +116,19 @@ class WorkerPool(_Model):
         if self.engine == "llamacpp" and not self.model:
             raise ValueError(f"engine {self.engine!r} needs a model")
         return self
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            from jinja2 import TemplateSyntaxError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            try:
+                ImmutableSandboxedEnvironment().parse(v)
+            except TemplateSyntaxError as e:
+                raise ValueError(f"not a valid Jinja template (line {e.lineno}: {e.message})") from None
+        return v
 
 
 class JobSpec(_Model):
@@ -117,7 +161,7 @@ class JobSpec(_Model):
         body = {
             "input": self.input.model_dump(exclude={"storage_options"}),
             "sampling": self.sampling.model_dump(),
-            "models": sorted({(p.engine, p.model or "", p.n_ctx) for p in self.workers}),
+            "models": sorted({(p.engine, p.model or "", p.n_ctx, p.chat_template or "") for p in self.workers}),
             "unit_rows": self.unit_rows,
         }
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -146,7 +190,7 @@ def parse_spec(raw: dict, env: dict[str, str], source: str = "job.yaml") -> tupl
     try:
         spec = JobSpec.model_validate(resolved)
     except ValidationError as e:
-        raise SpecError(f"{source}: {_first_error(e, secret_paths)}") from None
+        raise SpecError(f"{source}: {describe_error(e, secret_paths)}") from None
     return spec, redact(spec.model_dump(mode="json"), raw, secret_paths)
 
 
@@ -211,13 +255,22 @@ _EXPECTED = {
 }
 
 
-def _first_error(e: ValidationError, secret_paths: set) -> str:
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+           "less_than": ("<", "lt")}
+
+
+def describe_error(e: ValidationError, secret_paths: set = frozenset()) -> str:
+    """The first validation error as one line: `key.path[0]: expected ..., got ...`."""
     err = e.errors()[0]
     # Unions report one error per branch, with the branch name in the location.
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"int", "float", "none", "function-after[_needs_model(), WorkerPool]"}))
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"int", "float", "none", "function-after[_needs_model(), WorkerPool]", "function-after[_one_source(), function-before[_messages_replace_prompt(), InputSpec]]"}))
     msg = _EXPECTED.get(err["type"]) or err["msg"].removeprefix("Value error, ")
+    bound = _BOUNDS.get(err["type"])
+    if bound:
+        msg = f"expected a value {bound[0]} {err['ctx'][bound[1]]}"
     if err["type"] not in {"missing", "extra_forbidden"} and loc not in secret_paths and "input" in err:
         got = err["input"]
         if not isinstance(got, (dict, list)):
-            msg += f", got {json.dumps(got, default=str)}"
+            shown = json.dumps(got, default=str)
+            msg += f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
     return f"{_dotted(loc)}: {msg}"

@@ -17,6 +17,7 @@ from runner.engines import create_engine
 from runner.errors import InputError
 from runner.output import OutputStore, output_table, unit_stats
 from runner.plan import Unit
+from runner.rows import read_rows
 from runner.spec import JobSpec
 from runner.storage import retrying
 
@@ -29,7 +30,8 @@ class RowGroupReader:
     def __init__(self, spec: JobSpec):
         self.spec = spec
         inp = spec.input
-        self.columns = list(dict.fromkeys([inp.prompt_column] + ([inp.id_column] if inp.id_column else []) + inp.columns))
+        wanted = [inp.row_column, inp.sampling_column, inp.id_column, *inp.columns]
+        self.columns = list(dict.fromkeys(c for c in wanted if c))
         self.cached: tuple[tuple, pa.Table] | None = None
 
     @retrying
@@ -48,23 +50,7 @@ class RowGroupReader:
             table = self._read(unit.source_file, unit.row_groups).slice(unit.skip, unit.num_rows)
         except (pa.ArrowInvalid, FileNotFoundError) as e:
             raise InputError(f"{unit.source_file}: cannot read rows {unit.row_start}+{unit.num_rows} ({e})") from e
-        prompts, bad = decode_prompts(table.column(self.spec.input.prompt_column))
-        return UnitWork(unit, attempt, table, prompts, bad)
-
-
-def decode_prompts(column: pa.ChunkedArray) -> tuple[list[str | None], dict[int, str]]:
-    values = column.to_pylist()
-    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-        return values, {}
-    prompts: list[str | None] = []
-    bad: dict[int, str] = {}
-    for i, v in enumerate(values):
-        try:
-            prompts.append(None if v is None else v.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            prompts.append("")
-            bad[i] = f"invalid_utf8: prompt is not valid UTF-8 at byte {e.start}"
-    return prompts, bad
+        return UnitWork(unit, attempt, table, read_rows(table, self.spec))
 
 
 class UnitFeed:

@@ -3,6 +3,7 @@ import pyarrow as pa
 from runner.batching import END, BatchLoop, UnitWork
 from runner.engines.echo import EchoEngine
 from runner.plan import Unit
+from runner.rows import Rows
 from runner.spec import Sampling
 
 
@@ -18,7 +19,7 @@ class ListFeed:
 
 def work(i, prompts):
     unit = Unit(f"u{i}", "f", 0, len(prompts), (0,), 0)
-    return UnitWork(unit, 1, pa.table({"prompt": prompts}), prompts)
+    return UnitWork(unit, 1, pa.table({"prompt": prompts}), Rows(prompts))
 
 
 class SpyEngine(EchoEngine):
@@ -52,3 +53,22 @@ def test_next_unit_is_admitted_before_slots_idle():
     steps = engine.in_flight_at_step
     assert all(n >= 4 for n in steps[:-1]) and steps[-1] > 0
     assert max(steps) <= 4 + 6 and len(steps) == 5
+
+
+def test_chat_rows_and_per_row_sampling_reach_the_engine():
+    seen = []
+
+    class Recorder(EchoEngine):
+        def add(self, request):
+            seen.append(request)
+            super().add(request)
+
+    chats = [[{"role": "user", "content": "one two three"}], [{"role": "user", "content": "four five"}]]
+    rows = Rows(chats, chat=True, samplings=[Sampling(max_tokens=1), Sampling(max_tokens=5)])
+    unit = Unit("u0", "f", 0, 2, (0,), 0)
+    done = []
+    BatchLoop(Recorder(4), ListFeed([UnitWork(unit, 1, pa.table({"m": [1, 2]}), rows)]), done.append,
+              Sampling(max_tokens=3)).run()
+    assert [r.prompt for r in seen] == [None, None] and [r.messages for r in seen] == chats
+    assert [r.sampling.max_tokens for r in seen] == [1, 5]
+    assert [c.text for c in done[0].results] == ["one", "four five"]

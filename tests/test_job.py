@@ -185,3 +185,34 @@ def test_a_given_up_unit_is_written_as_failed_rows(tmp_path):
     assert [(r["source_row"], r["id"]) for r in rows] == [(4, 11), (5, 12)]
     assert all(r["text"] is None and r["error"].startswith("unit_failed: after 3 attempts: worker") for r in rows)
     assert store.committed_ids() == {plan.units[1].id}
+
+
+def test_chat_rows_with_per_row_sampling(ray_local, tiny_model, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chat = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    n = 12
+    messages = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{GOOD[i % 5]} {i}"}]
+                for i in range(n)]
+    messages[3] = []  # an empty chat
+    sampling = [{"max_tokens": 2, "temperature": None} if i % 2 else None for i in range(n)]
+    sampling[5] = {"max_tokens": -1, "temperature": None}  # a bad override fails its row only
+    pq.write_table(pa.table({"id": list(range(n)), "messages": pa.array(messages, chat),
+                             "sampling": pa.array(sampling, pa.struct([("max_tokens", pa.int64()),
+                                                                         ("temperature", pa.float64())])),
+                             "category": ["c"] * n}), tmp_path / "chat.parquet")
+    spec, resolved = job(tiny_model, str(tmp_path / "chat.parquet"), str(tmp_path / "out"),
+                         input={"prompt_column": None, "messages_column": "messages", "sampling_column": "sampling"},
+                         sampling={"max_tokens": 6})
+    spec = spec.model_copy(update={"workers": [spec.workers[0].model_copy(update={"n_ctx": 256})]})
+    manifest = run_job(spec, resolved, RunOptions(dashboard=False, progress=False))
+    rows = {r["id"]: r for r in ds.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()}
+    assert manifest["rows"] == n and manifest["rows_failed"] == 2
+    assert rows[3]["error"].startswith("empty_prompt")
+    assert rows[5]["error"] == "bad_sampling: max_tokens: expected a value >= 1, got -1" and rows[5]["text"] is None
+    for i in set(range(n)) - {3, 5}:
+        assert rows[i]["error"] is None
+        assert rows[i]["completion_tokens"] <= (2 if i % 2 else 6)
+        assert rows[i]["prompt_tokens"] > 10  # the template's role markers were added
+    assert any(rows[i]["completion_tokens"] == 6 for i in range(0, n, 2))

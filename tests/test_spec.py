@@ -30,7 +30,7 @@ def test_defaults_and_absolute_paths():
     ({"input": {"prompt_column": "p"}}, "input.path: required key is missing"),
     ({"workers": [{"engine": "llamacpp"}]}, "workers[0]: engine 'llamacpp' needs a model"),
     ({"workers": []}, "workers: List should have at least 1 item after validation, not 0"),
-    ({"unit_rows": 0}, "unit_rows: Input should be greater than or equal to 1, got 0"),
+    ({"unit_rows": 0}, "unit_rows: expected a value >= 1, got 0"),
     ({"bogus": 1}, "bogus: unknown key"),
 ])
 def test_errors_name_the_key(over, message):

@@ -10,11 +10,13 @@ from runner.spec import Sampling
 
 @dataclass(frozen=True)
 class Request:
-    """One prompt to generate from; `id` is unique within one engine's lifetime."""
+    """One row to generate from: a prompt, or chat `messages` ([{role, content}, ...]) that the engine
+    renders with the model's chat template. `id` is unique within one engine's lifetime."""
 
     id: int
-    prompt: str
+    prompt: str | None
     sampling: Sampling = field(default_factory=Sampling)
+    messages: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens taken from a shared prefix instead of computed
 
     @classmethod
     def failed(cls, request_id: int, error: str, prompt_tokens: int = 0) -> "Completion":

@@ -10,7 +10,7 @@ from runner.spec import JobSpec, WorkerPool
 
 
 class EchoEngine:
-    """Generates the prompt's own words, one word a token, `capacity` rows a step.
+    """Generates the prompt's own words (a chat row's last message), one word a token, `capacity` rows a step.
 
     engine_args: `step_s` sleeps that long each step (to model a slow engine).
     """
@@ -39,7 +39,7 @@ class EchoEngine:
         done = []
         for _ in range(min(self.capacity, len(self.queue))):
             r = self.queue.popleft()
-            words = r.prompt.split()
+            words = (r.prompt if r.messages is None else r.messages[-1]["content"]).split()
             out = words[: r.sampling.max_tokens]
             reason = "length" if len(words) > r.sampling.max_tokens else "stop"
             done.append(Completion(r.id, " ".join(out), reason, len(words), len(out)))

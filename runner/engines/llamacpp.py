@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import itertools
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,6 +23,27 @@ def _llama():
 
 
 @dataclass
+class _Pending:
+    """A request waiting for a slot, tokenized on arrival (or failed before it reaches the model)."""
+
+    request: Request
+    tokens: list[int]
+    error: str | None = None
+
+
+@dataclass
+class _Prefix:
+    """A token prefix shared by queued prompts, computed once in its own sequence and copied to each user."""
+
+    tokens: list[int]
+    fed: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.fed == len(self.tokens)
+
+
+@dataclass
 class _Seq:
     """A request occupying one sequence slot of the context."""
 
@@ -30,6 +52,7 @@ class _Seq:
     prompt: list[int]
     sampler: object
     fed: int = 0  # tokens already in the KV cache
+    reused: int = 0  # of them, copied from the shared prefix
     next_token: int | None = None  # sampled, not yet fed
     generated: int = 0
     text: str = ""
@@ -49,7 +72,8 @@ class LlamaCppEngine:
     """
 
     def __init__(self, model_path: str, n_ctx: int = 2048, parallel: int = 8, n_threads: int = 1,
-                 n_batch: int = 512, flash_attn: bool = False):
+                 n_batch: int = 512, flash_attn: bool = False, kv_unified: bool = False,
+                 prefix_reuse: bool = True, prefix_min_tokens: int = 32, chat_template: str | None = None):
         ll = self.ll = _llama()
         _quiet(ll)
         ll.llama_backend_init()
@@ -59,14 +83,18 @@ class LlamaCppEngine:
             raise ModelError(f"{model_path}: llama.cpp could not load this model")
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
-        self.capacity, self.n_ctx, self.n_batch = parallel, n_ctx, max(n_batch, parallel)
+        self.capacity, self.n_ctx, self.n_batch = parallel, n_ctx, max(n_batch, parallel + 1)
+        # with prefix reuse one more sequence (id `parallel`) holds the shared prefix
+        self.prefix_reuse, self.prefix_min = prefix_reuse, max(1, prefix_min_tokens)
+        self.holder = parallel
+        n_seq = parallel + (1 if prefix_reuse else 0)
         cp = ll.llama_context_default_params()
-        cp.n_ctx = n_ctx * parallel
-        cp.n_seq_max = parallel
+        cp.n_ctx = n_ctx * n_seq
+        cp.n_seq_max = n_seq
         cp.n_batch = cp.n_ubatch = self.n_batch
         cp.n_threads = cp.n_threads_batch = n_threads
         cp.flash_attn_type = 1 if flash_attn else 0
-        cp.kv_unified = False
+        cp.kv_unified = kv_unified
         cp.no_perf = True
         self.ctx = ll.llama_init_from_model(self.model, cp)
         if not self.ctx:
@@ -75,8 +103,14 @@ class LlamaCppEngine:
         self.memory = ll.llama_get_memory(self.ctx)
         self.batch = ll.llama_batch_init(self.n_batch, 0, 1)
         self.slots: list[_Seq | None] = [None] * parallel
-        self.waiting: deque[Request] = deque()
+        self.waiting: deque[_Pending] = deque()
         self.pieces: dict[int, bytes] = {}
+        self.prefix: _Prefix | None = None
+        self.prefix_checked_for: int | None = None  # request id at the queue head when a prefix was last sought
+        self.prefix_tokens_reused = 0  # prompt tokens copied from a shared prefix instead of computed
+        self.prefix_tokens_computed = 0  # tokens computed for shared prefixes
+        template = chat_template or self._model_template()
+        self.chat = ChatTemplate(template, self) if template else None
 
     @classmethod
     def from_pool(cls, pool: WorkerPool, spec: JobSpec) -> "LlamaCppEngine":
@@ -85,15 +119,25 @@ class LlamaCppEngine:
         cache = os.environ.get("RUNNER_CACHE", os.path.expanduser("~/.cache/runner/models"))
         path = fetch_to_cache(pool.model, pool.model_storage_options, cache)
         threads = pool.n_threads or max(1, int(pool.num_cpus))
-        return cls(path, pool.n_ctx, pool.parallel, threads, pool.n_batch, pool.flash_attn)
+        return cls(path, pool.n_ctx, pool.parallel, threads, pool.n_batch, pool.flash_attn, pool.kv_unified,
+                   pool.prefix_reuse, pool.prefix_min_tokens, pool.chat_template)
 
     # -- the engine protocol -------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        """Tokenize now (so queued prompts can be searched for a shared prefix); errors wait for `step`."""
+        try:
+            tokens = self._prompt_tokens(request)
+        except RowError as e:
+            self.waiting.append(_Pending(request, [], str(e)))
+            return
+        error = None
+        if len(tokens) >= self.n_ctx:
+            error = f"prompt_too_long: {len(tokens)} tokens, the context holds {self.n_ctx}"
+        self.waiting.append(_Pending(request, tokens, error))
 
     def abort(self, request_id: int) -> None:
-        self.waiting = deque(r for r in self.waiting if r.id != request_id)
+        self.waiting = deque(p for p in self.waiting if p.request.id != request_id)
         for seq in self.slots:
             if seq and seq.request.id == request_id:
                 self._release(seq)
@@ -104,7 +148,7 @@ class LlamaCppEngine:
     def step(self) -> list[Completion]:
         done = self._admit()
         fed = self._fill_batch()
-        if not fed:
+        if not self.batch.n_tokens:
             return done
         rc = self.ll.llama_decode(self.ctx, self.batch)
         if rc != 0:
@@ -120,6 +164,7 @@ class LlamaCppEngine:
         for seq in self.slots:
             if seq:
                 self._release(seq)
+        self.prefix = None
         if self.ctx:
             self.ll.llama_batch_free(self.batch)
             self.ll.llama_free(self.ctx)
@@ -128,41 +173,113 @@ class LlamaCppEngine:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         data = text.encode("utf-8")
         n_max = len(data) + 8
         buf = (self.ll.llama_token * n_max)()
-        n = self.ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, False)
+        n = self.ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
         if n < 0:
             buf = (self.ll.llama_token * -n)()
-            n = self.ll.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, False)
+            n = self.ll.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
         return list(buf[:n])
 
-    def piece(self, token: int) -> bytes:
+    def piece(self, token: int, special: bool = False) -> bytes:
+        if special:
+            return self._piece(token, True)
         if token not in self.pieces:
-            buf = ctypes.create_string_buffer(256)
-            n = self.ll.llama_token_to_piece(self.vocab, token, buf, 256, 0, False)
-            self.pieces[token] = buf.raw[: max(n, 0)]
+            self.pieces[token] = self._piece(token, False)
         return self.pieces[token]
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self.ll.llama_token_to_piece(self.vocab, token, buf, 256, 0, special)
+        return buf.raw[: max(n, 0)]
+
+    def _model_template(self) -> str | None:
+        raw = self.ll.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def _prompt_tokens(self, request: Request) -> list[int]:
+        if request.messages is None:
+            return self.tokenize(request.prompt)
+        if self.chat is None:
+            raise RowError("no_chat_template: the model has no chat template; set chat_template in the worker pool")
+        text = self.chat.render(request.messages)
+        bos = self.ll.llama_vocab_bos(self.vocab)
+        add_bos = self.ll.llama_vocab_get_add_bos(self.vocab)
+        bos_text = self.piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else ""
+        # a template that writes the BOS text itself must not get a second BOS
+        return self.tokenize(text, add_special=add_bos and not (bos_text and text.startswith(bos_text)),
+                             parse_special=True)
 
     def _admit(self) -> list[Completion]:
         """Move waiting requests into free slots; rows that cannot run fail here, not in the engine."""
         failed = []
+        while self.waiting and self.waiting[0].error:
+            p = self.waiting.popleft()
+            failed.append(Completion.failed(p.request.id, p.error, len(p.tokens)))
+        if self.prefix_reuse and self._seek_prefix():
+            return failed  # the new prefix is computed this step; requests start from it on the next
         for slot, occupant in enumerate(self.slots):
             while occupant is None and self.waiting:
-                request = self.waiting.popleft()
-                prompt = self.tokenize(request.prompt)
-                if len(prompt) >= self.n_ctx:
-                    failed.append(Completion.failed(
-                        request.id, f"prompt_too_long: {len(prompt)} tokens, the context holds {self.n_ctx}",
-                        len(prompt)))
+                p = self.waiting.popleft()
+                if p.error:
+                    failed.append(Completion.failed(p.request.id, p.error, len(p.tokens)))
                     continue
-                occupant = self.slots[slot] = _Seq(request, slot, prompt, self._sampler(request.sampling))
+                occupant = self.slots[slot] = self._start(p, slot)
         return failed
+
+    def _start(self, p: _Pending, slot: int) -> _Seq:
+        seq = _Seq(p.request, slot, p.tokens, self._sampler(p.request.sampling))
+        prefix = self.prefix
+        if prefix and prefix.ready:
+            # at least one prompt token is left to decode so the sequence has logits of its own
+            reuse = min(_common_prefix(prefix.tokens, p.tokens), len(p.tokens) - 1)
+            if reuse >= self.prefix_min:
+                self.ll.llama_memory_seq_cp(self.memory, self.holder, slot, -1, -1)
+                if reuse < len(prefix.tokens):
+                    self.ll.llama_memory_seq_rm(self.memory, slot, reuse, -1)
+                seq.fed = seq.reused = reuse
+                self.prefix_tokens_reused += reuse
+        return seq
+
+    def _seek_prefix(self) -> bool:
+        """Start computing a new shared prefix when the queue head shares one with the requests behind it.
+
+        The prefix is the longest token prefix the head shares with at least half of the (up to 32)
+        requests queued behind it, if that is at least `prefix_min_tokens` long and the current
+        prefix does not already cover it. Returns True when a new prefix starts computing this step.
+        """
+        if self.prefix and not self.prefix.ready:
+            return True
+        if len(self.waiting) < 2 or self.waiting[0].request.id == self.prefix_checked_for:
+            return False
+        head = self.waiting[0]
+        self.prefix_checked_for = head.request.id
+        if self.prefix and _common_prefix(self.prefix.tokens, head.tokens) >= self.prefix_min:
+            return False
+        others = [p.tokens for p in itertools.islice(self.waiting, 1, 33) if not p.error]
+        if not others:
+            return False
+        shared = sorted((_common_prefix(head.tokens, t) for t in others), reverse=True)
+        length = min(shared[(len(shared) - 1) // 2], len(head.tokens) - 1, self.n_ctx - 1)
+        if length < self.prefix_min:
+            return False
+        self.ll.llama_memory_seq_rm(self.memory, self.holder, -1, -1)
+        self.prefix = _Prefix(head.tokens[:length])
+        self.prefix_tokens_computed += length
+        return True
 
     def _fill_batch(self) -> list[tuple[_Seq, int | None]]:
         """One token per generating sequence, then prompt chunks up to n_batch tokens in all."""
         b, n, fed = self.batch, 0, []
+        prefix = self.prefix
+        if prefix and not prefix.ready:
+            take = min(len(prefix.tokens) - prefix.fed, self.n_batch - len([s for s in self.slots if s]))
+            for i in range(take):
+                self._put(n + i, prefix.tokens[prefix.fed + i], prefix.fed + i, self.holder, False)
+            prefix.fed += take
+            n += take
         for seq in self.slots:
             if seq and not seq.prefilling:
                 self._put(n, seq.next_token, seq.fed, seq.slot, True)
@@ -213,7 +330,7 @@ class LlamaCppEngine:
         if reason == "length":
             seq.text += seq.decoder.decode(b"", final=True)
         self._release(seq)
-        return Completion(seq.request.id, seq.text, reason, len(seq.prompt), seq.generated)
+        return Completion(seq.request.id, seq.text, reason, len(seq.prompt), seq.generated, cached_tokens=seq.reused)
 
     def _release(self, seq: _Seq) -> None:
         self.ll.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
@@ -238,6 +355,57 @@ class LlamaCppEngine:
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(s.temperature))
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(s.seed))
         return chain
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists (binary search over C-speed slice compares)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class RowError(Exception):
+    """A row that cannot run; its message becomes the row's error."""
+
+
+class ChatTemplate:
+    """Renders a messages list with the model's Jinja chat template, as Hugging Face tokenizers do."""
+
+    def __init__(self, source: str, engine: "LlamaCppEngine"):
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        self.errors = TemplateError
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        try:
+            self.template = env.from_string(source)
+        except TemplateError as e:
+            raise ModelError(f"chat template does not compile: {e}") from None
+        special = {}
+        for name, fn in (("bos_token", engine.ll.llama_vocab_bos), ("eos_token", engine.ll.llama_vocab_eos)):
+            token = fn(engine.vocab)
+            special[name] = engine.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+        self.special = special
+
+    def render(self, messages: list[dict]) -> str:
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+        except self.errors as e:
+            raise RowError(f"chat_template_error: {e}") from None
+        except Exception as e:  # a template is code: any failure is this row's
+            raise RowError(f"chat_template_error: {type(e).__name__}: {e}") from None
+
+
+def _raise_template_error(message: str):
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
 
 
 def _silent(level, text, user_data):  # llama.cpp logs every load to stderr otherwise

@@ -37,7 +37,7 @@ def requests(prompts, **sampling):
 
 @pytest.fixture(scope="module")
 def single(tiny_model):
-    engine = LlamaCppEngine(tiny_model, n_ctx=256, parallel=1)
+    engine = LlamaCppEngine(tiny_model, n_ctx=256, parallel=1, prefix_reuse=False)
     yield engine
     engine.close()
 
@@ -47,9 +47,9 @@ def reference(single):
     return run_all(single, requests(PROMPTS * 3))
 
 
-@pytest.mark.parametrize("parallel", [4, 8, 16])
-def test_batched_greedy_equals_single_sequence(tiny_model, reference, parallel):
-    engine = LlamaCppEngine(tiny_model, n_ctx=256, parallel=parallel)
+@pytest.mark.parametrize("parallel,unified", [(4, False), (8, False), (16, False), (8, True)])
+def test_batched_greedy_equals_single_sequence(tiny_model, reference, parallel, unified):
+    engine = LlamaCppEngine(tiny_model, n_ctx=256, parallel=parallel, kv_unified=unified, prefix_reuse=False)
     try:
         got = run_all(engine, requests(PROMPTS * 3))
     finally:
@@ -102,3 +102,96 @@ def test_abort_drops_a_request(single):
     while single.has_unfinished():
         seen += [c.request_id for c in single.step()]
     assert 0 not in seen
+
+
+SYSTEM = ("You are a careful assistant. Answer the question about the product review below in one short "
+          "sentence, and say if the price and the quality were good or bad for the user.\n")
+OTHER = "Translate the text below and then list the words of it, one word a line, for the data model:\n"
+
+
+def shared_prefix_requests():
+    """Two groups with different long heads, interleaved, so the engine must switch prefixes."""
+    rows = [(SYSTEM if i % 4 else OTHER) + p for i, p in enumerate(PROMPTS * 4)]
+    return requests(rows)
+
+
+def outputs(got):
+    return {i: (c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens) for i, c in got.items()}
+
+
+@pytest.fixture(scope="module")
+def prefix_reference(single):
+    return run_all(single, shared_prefix_requests())
+
+
+@pytest.mark.parametrize("parallel,unified", [(4, False), (8, True)])
+def test_prefix_reuse_gives_the_same_outputs(tiny_model, prefix_reference, parallel, unified):
+    engine = LlamaCppEngine(tiny_model, n_ctx=256, parallel=parallel, kv_unified=unified, prefix_min_tokens=16)
+    try:
+        got = run_all(engine, shared_prefix_requests())
+        reused, computed = engine.prefix_tokens_reused, engine.prefix_tokens_computed
+    finally:
+        engine.close()
+    assert outputs(got) == outputs(prefix_reference)
+    head = len(SYSTEM.split())
+    assert computed > 0 and reused > 10 * head  # most rows started from a copied prefix
+    assert sum(c.cached_tokens for c in got.values()) == reused
+    assert all(c.cached_tokens < c.prompt_tokens for c in got.values())
+
+
+def test_no_prefix_reuse_below_the_minimum(tiny_model):
+    engine = LlamaCppEngine(tiny_model, n_ctx=256, parallel=4, prefix_min_tokens=10_000)
+    try:
+        got = run_all(engine, shared_prefix_requests())
+    finally:
+        engine.close()
+    assert engine.prefix_tokens_reused == 0 and all(c.cached_tokens == 0 for c in got.values())
+
+
+def test_a_prompt_equal_to_the_prefix_still_gets_its_own_logits(tiny_model, single):
+    prompt = SYSTEM * 2
+    (alone,) = run_all(single, [Request(0, prompt, Sampling(max_tokens=8))]).values()
+    engine = LlamaCppEngine(tiny_model, n_ctx=256, parallel=2, prefix_min_tokens=8)
+    try:
+        got = run_all(engine, [Request(i, prompt + (" the data" if i % 2 else ""), Sampling(max_tokens=8))
+                               for i in range(6)])
+    finally:
+        engine.close()
+    assert got[0].text == got[2].text == alone.text
+    assert got[2].cached_tokens == got[2].prompt_tokens - 1
+
+
+def test_chat_messages_render_with_the_models_template(tiny_model, single):
+    from runner.tinymodel import CHAT_TEMPLATE  # noqa: F401  (the template written into the GGUF)
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is the price good?"}]
+    text = single.chat.render(messages)
+    assert text == "<|system|>\nBe brief.</s>\n<|user|>\nIs the price good?</s>\n<|assistant|>\n"
+    (chat,) = run_all(single, [Request(0, None, Sampling(max_tokens=6), messages=messages)]).values()
+    tokens = single.tokenize(text, parse_special=True)
+    assert chat.error is None and chat.prompt_tokens == len(tokens)
+    assert tokens.count(single.ll.llama_vocab_eos(single.vocab)) == 2  # </s> became the EOS token, not text
+
+
+def test_chat_template_from_the_spec_and_template_errors(tiny_model):
+    template = ("{% for m in messages %}{% if m.role == 'bot' %}{{ raise_exception('no bots') }}{% endif %}"
+                "[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]")
+    engine = LlamaCppEngine(tiny_model, n_ctx=256, parallel=2, chat_template=template)
+    try:
+        assert engine.chat.render([{"role": "user", "content": "hi"}]) == "[user] hi\n[assistant]"
+        got = run_all(engine, [Request(0, None, Sampling(max_tokens=4), messages=[{"role": "user", "content": "hi"}]),
+                               Request(1, None, Sampling(max_tokens=4), messages=[{"role": "bot", "content": "x"}])])
+    finally:
+        engine.close()
+    assert got[0].error is None and got[0].completion_tokens > 0
+    assert got[1].error == "chat_template_error: no bots" and got[1].text is None
+
+
+def test_sampling_overrides_are_per_request(single):
+    base = Sampling(max_tokens=12, temperature=1.0, seed=3)
+    reqs = [Request(0, PROMPTS[0], base), Request(1, PROMPTS[0], base.model_copy(update={"max_tokens": 3})),
+            Request(2, PROMPTS[0], base.model_copy(update={"temperature": 0.0})),
+            Request(3, PROMPTS[0], base.model_copy(update={"top_k": 1}))]
+    got = run_all(single, reqs)
+    assert got[1].completion_tokens <= 3 and got[0].text.startswith(got[1].text)
+    assert got[2].text == got[3].text  # top_k=1 is greedy whatever the temperature
