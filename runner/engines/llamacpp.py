@@ -87,6 +87,7 @@ class LlamaCppEngine:
         # with prefix reuse one more sequence (id `parallel`) holds the shared prefix
         self.prefix_reuse, self.prefix_min = prefix_reuse, max(1, prefix_min_tokens)
         self.holder = parallel
+        self.kv_unified = kv_unified
         n_seq = parallel + (1 if prefix_reuse else 0)
         cp = ll.llama_context_default_params()
         cp.n_ctx = n_ctx * n_seq
@@ -146,15 +147,21 @@ class LlamaCppEngine:
         return bool(self.waiting) or any(self.slots)
 
     def step(self) -> list[Completion]:
+        """Prompt chunks in one decode call, then one token for every generating sequence in another.
+
+        Apart, each call splits into few and large ubatches: llama.cpp splits a batch over several
+        sequences into ubatches with the same number of tokens per sequence, so a prompt chunk mixed
+        with single decode tokens would be cut into slivers.
+        """
         done = self._admit()
-        fed = self._fill_batch()
-        if not self.batch.n_tokens:
-            return done
-        rc = self.ll.llama_decode(self.ctx, self.batch)
-        if rc != 0:
-            raise EngineError(f"llama_decode failed with code {rc} on a batch of {self.batch.n_tokens} tokens")
-        for seq, index in fed:
-            if index is not None:
+        for fill in (self._fill_prompts, self._fill_decode):
+            fed = fill()
+            if not self.batch.n_tokens:
+                continue
+            rc = self.ll.llama_decode(self.ctx, self.batch)
+            if rc != 0:
+                raise EngineError(f"llama_decode failed with code {rc} on a batch of {self.batch.n_tokens} tokens")
+            for seq, index in fed:
                 finished = self._sample(seq, index)
                 if finished:
                     done.append(finished)
@@ -218,6 +225,8 @@ class LlamaCppEngine:
         while self.waiting and self.waiting[0].error:
             p = self.waiting.popleft()
             failed.append(Completion.failed(p.request.id, p.error, len(p.tokens)))
+        if not self.kv_unified:
+            self._compact()
         if self.prefix_reuse and self._seek_prefix():
             return failed  # the new prefix is computed this step; requests start from it on the next
         for slot, occupant in enumerate(self.slots):
@@ -228,6 +237,24 @@ class LlamaCppEngine:
                     continue
                 occupant = self.slots[slot] = self._start(p, slot)
         return failed
+
+    def _compact(self) -> None:
+        """Move the sequences in the highest slots into free lower ones, so occupied slots stay 0..k-1.
+
+        Without a unified KV buffer each sequence has a stream of its own and llama.cpp puts only
+        consecutive sequence ids into one ubatch: gaps would split the decode call into several.
+        The move is a stream copy (a memcpy done before the next decode) and frees the old slot.
+        """
+        slots = self.slots
+        while True:
+            free = next((i for i, s in enumerate(slots) if s is None), None)
+            last = next((i for i in range(len(slots) - 1, -1, -1) if slots[i] is not None), None)
+            if free is None or last is None or free > last:
+                return
+            seq = slots[last]
+            self.ll.llama_memory_seq_cp(self.memory, last, free, -1, -1)
+            self.ll.llama_memory_seq_rm(self.memory, last, -1, -1)
+            seq.slot, slots[free], slots[last] = free, seq, None
 
     def _start(self, p: _Pending, slot: int) -> _Seq:
         seq = _Seq(p.request, slot, p.tokens, self._sampler(p.request.sampling))
@@ -270,22 +297,17 @@ class LlamaCppEngine:
         self.prefix_tokens_computed += length
         return True
 
-    def _fill_batch(self) -> list[tuple[_Seq, int | None]]:
-        """One token per generating sequence, then prompt chunks up to n_batch tokens in all."""
-        b, n, fed = self.batch, 0, []
+    def _fill_prompts(self) -> list[tuple[_Seq, int]]:
+        """The shared prefix's next chunk, then prompt chunks in slot order, up to n_batch tokens in all.
+        Returns the sequences whose prompt is complete, with the batch index of their last token."""
+        n, fed = 0, []
         prefix = self.prefix
         if prefix and not prefix.ready:
-            take = min(len(prefix.tokens) - prefix.fed, self.n_batch - len([s for s in self.slots if s]))
+            take = min(len(prefix.tokens) - prefix.fed, self.n_batch)
             for i in range(take):
-                self._put(n + i, prefix.tokens[prefix.fed + i], prefix.fed + i, self.holder, False)
+                self._put(i, prefix.tokens[prefix.fed + i], prefix.fed + i, self.holder, False)
             prefix.fed += take
-            n += take
-        for seq in self.slots:
-            if seq and not seq.prefilling:
-                self._put(n, seq.next_token, seq.fed, seq.slot, True)
-                seq.fed += 1
-                fed.append((seq, n))
-                n += 1
+            n = take
         for seq in self.slots:
             if seq and seq.prefilling and n < self.n_batch:
                 take = min(len(seq.prompt) - seq.fed, self.n_batch - n)
@@ -294,8 +316,21 @@ class LlamaCppEngine:
                     self._put(n + i, seq.prompt[seq.fed + i], seq.fed + i, seq.slot, last)
                 seq.fed += take
                 n += take
-                fed.append((seq, n - 1 if not seq.prefilling else None))
-        b.n_tokens = n
+                if not seq.prefilling:
+                    fed.append((seq, n - 1))
+        self.batch.n_tokens = n
+        return fed
+
+    def _fill_decode(self) -> list[tuple[_Seq, int]]:
+        """The last sampled token of every generating sequence."""
+        n, fed = 0, []
+        for seq in self.slots:
+            if seq and not seq.prefilling and seq.next_token is not None:
+                self._put(n, seq.next_token, seq.fed, seq.slot, True)
+                seq.fed += 1
+                fed.append((seq, n))
+                n += 1
+        self.batch.n_tokens = n
         return fed
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
