@@ -26,5 +26,8 @@ demo: $(BIN)/runner models/tiny.gguf data/quickstart
 test: $(BIN)/runner
 	$(BIN)/python -m pytest -q tests
 
+bench: $(BIN)/runner
+	$(BIN)/python benchmarks/llamacpp_throughput.py $(BENCH_ARGS)
+
 clean:
 	rm -rf out data models

@@ -7,7 +7,8 @@ vocab 32000, Q8_0) and N prompts of a fixed token length, then prints one table:
   2. the engine alone at parallel 1 / 4 / 8 / 16
   3. a full `runner submit` job on the same prompts (local Ray, Parquet in and out)
   4. the same job with a shared prefix on every prompt, prefix reuse off and on
-  5. with --llama-server PATH: llama.cpp's own C++ server (--parallel 16) on the same prompts
+  5. with --llama-server PATH: llama.cpp's own C++ server on the same prompts over 127.0.0.1, at
+     --parallel 16 (the "x server16" column) and at the jobs' parallel
 
 Run:  python benchmarks/llamacpp_throughput.py [--prompts 128] [--threads 2] [--llama-server PATH]
 """
@@ -254,23 +255,24 @@ def main() -> None:
                                args.threads, n_ctx, top, args.unit_rows, prefix_reuse=reuse):
                 record(row)
     if args.llama_server and "server" not in args.skip:
-        record(run_llama_server(args.llama_server, model, prompts, args.new_tokens, args.threads, n_ctx, top))
+        for p in sorted({16, top}):
+            record(run_llama_server(args.llama_server, model, prompts, args.new_tokens, args.threads, n_ctx, p))
         if "prefix" not in args.skip:
             row = run_llama_server(args.llama_server, model, prefixed, args.new_tokens, args.threads, n_ctx, top)
             row.name += ", shared prefix"
             record(row)
 
     base = rows[0].rate if rows and rows[0].name.startswith("naive") else None
-    server = next((r.rate for r in rows if r.name.startswith("llama-server") and "prefix" not in r.name), None)
+    server = next((r.rate for r in rows if r.name == "llama-server --parallel 16 over HTTP"), None)
     print()
     head = f"{'run':<86} {'prompts':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>7} {'x naive':>8}"
-    head += f" {'x server':>8}" if server else ""
+    head += f" {'x server16':>10}" if server else ""
     print(head)
     print("-" * len(head))
     for r in rows:
         line = f"{r.name:<86} {r.prompts:>7} {r.completion_tokens:>7} {r.seconds:>8.2f} {r.rate:>7.1f}"
         line += f" {r.rate / base:>7.2f}x" if base else f" {'':>8}"
-        line += f" {r.rate / server:>7.2f}x" if server else ""
+        line += f" {r.rate / server:>9.2f}x" if server else ""
         print(line + (f"  ({r.note})" if r.note else ""))
     _ratios(rows, top)
 

@@ -89,7 +89,9 @@ def status(job_yaml: str, as_json: bool) -> None:
     click.echo(f"job {spec.name}: {state}; units {s['units_done']}/{s['units_total']}, "
                f"rows {s.get('rows', 0)}/{s['rows_total']} ({s.get('rows_ok', 0)} ok, {s.get('rows_failed', 0)} failed)")
     for pool, p in s["pools"].items():
-        click.echo(f"  pool {pool}: {p['units']} units, {p['rows']} rows, {p['completion_tokens']} tokens")
+        reused = f", {p['prompt_tokens_reused']} prompt tokens reused" if p.get("prompt_tokens_reused") else ""
+        click.echo(f"  pool {pool}: {p['units']} units, {p['rows']} rows, {p['completion_tokens']} tokens, "
+                   f"{p['tokens_per_s']} tok/s{reused}")
 
 
 @main.command("make-tiny-model")

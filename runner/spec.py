@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from runner.errors import SpecError
 
 SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key|credential|session)", re.I)
+LLAMA_MAX_SEQ = 256  # llama.cpp's compile-time limit on sequences in one context
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -115,6 +116,9 @@ class WorkerPool(_Model):
     def _needs_model(self) -> "WorkerPool":
         if self.engine == "llamacpp" and not self.model:
             raise ValueError(f"engine {self.engine!r} needs a model")
+        if self.engine == "llamacpp" and self.parallel + self.prefix_reuse > LLAMA_MAX_SEQ:
+            raise ValueError(f"parallel: llama.cpp holds at most {LLAMA_MAX_SEQ} sequences, one of them the "
+                             f"shared prefix when prefix_reuse is on; got {self.parallel}")
         return self
 
     @field_validator("chat_template")

@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from runner.errors import SpecError
-from runner.spec import JobSpec, parse_spec
+from runner.spec import JobSpec, load_spec, parse_spec
 
 BASE = {
     "name": "j",
@@ -32,6 +34,14 @@ def test_defaults_and_absolute_paths():
     ({"workers": []}, "workers: List should have at least 1 item after validation, not 0"),
     ({"unit_rows": 0}, "unit_rows: expected a value >= 1, got 0"),
     ({"bogus": 1}, "bogus: unknown key"),
+    ({"workers": [{"engine": "llamacpp", "model": "m.gguf", "parallel": 256}]},
+     "workers[0]: parallel: llama.cpp holds at most 256 sequences, one of them the shared prefix when "
+     "prefix_reuse is on; got 256"),
+    ({"input": {"path": "in/", "prompt_column": "p", "messages_column": "m"}},
+     "input: give prompt_column or messages_column, not both"),
+    ({"workers": [{"engine": "echo", "chat_template": "{% if %}"}]},
+     'workers[0].chat_template: not a valid Jinja template (line 1: Expected an expression, got \'end of '
+     'statement block\'), got "{% if %}"'),
 ])
 def test_errors_name_the_key(over, message):
     with pytest.raises(SpecError) as e:
@@ -77,3 +87,10 @@ def test_spec_is_frozen():
     with pytest.raises(Exception):
         spec.unit_rows = 3
     assert isinstance(spec, JobSpec)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("jobs/*.yaml")), ids=lambda p: p.name)
+def test_shipped_job_specs_are_valid(path):
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "BUCKET": "b"}
+    spec, _ = load_spec(path, env)
+    assert spec.name and spec.workers
