@@ -66,9 +66,10 @@ class _Seq:
 class LlamaCppEngine:
     """Continuous batching over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
 
-    Each step puts one token for every generating sequence and prompt chunks of newly admitted
-    ones into a single llama_batch, decodes it once, and samples each sequence with its own
-    sampler chain. A finished sequence's KV cells are freed and its slot refilled on the next step.
+    Each step decodes the prompt chunks of newly admitted sequences, then one token for every
+    generating sequence, and samples each sequence with its own sampler chain. A finished
+    sequence's KV is freed and its slot refilled on the next step. A token prefix shared by queued
+    prompts is computed once in a spare sequence and copied to each new one.
     """
 
     def __init__(self, model_path: str, n_ctx: int = 2048, parallel: int = 8, n_threads: int = 1,
