@@ -24,11 +24,10 @@ def _llama():
 
 @dataclass
 class _Pending:
-    """A request waiting for a slot, tokenized on arrival (or failed before it reaches the model)."""
+    """A request waiting for a slot, tokenized on arrival."""
 
     request: Request
     tokens: list[int]
-    error: str | None = None
 
 
 @dataclass
@@ -84,6 +83,7 @@ class LlamaCppEngine:
             raise ModelError(f"{model_path}: llama.cpp could not load this model")
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
         self.capacity, self.n_ctx, self.n_batch = parallel, n_ctx, max(n_batch, parallel + 1)
         # with prefix reuse one more sequence (id `parallel`) holds the shared prefix
         self.prefix_reuse, self.prefix_min = prefix_reuse, max(1, prefix_min_tokens)
@@ -106,6 +106,7 @@ class LlamaCppEngine:
         self.batch = ll.llama_batch_init(self.n_batch, 0, 1)
         self.slots: list[_Seq | None] = [None] * parallel
         self.waiting: deque[_Pending] = deque()
+        self.failed: list[Completion] = []  # rows that failed before reaching the model, returned by the next step
         self.pieces: dict[int, bytes] = {}
         self.prefix: _Prefix | None = None
         self.prefix_checked_for: int | None = None  # request id at the queue head when a prefix was last sought
@@ -127,25 +128,28 @@ class LlamaCppEngine:
     # -- the engine protocol -------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        """Tokenize now (so queued prompts can be searched for a shared prefix); errors wait for `step`."""
+        """Tokenize now (so queued prompts can be searched for a shared prefix); a row that cannot run
+        comes back failed from the next `step`."""
         try:
             tokens = self._prompt_tokens(request)
         except RowError as e:
-            self.waiting.append(_Pending(request, [], str(e)))
+            self.failed.append(Completion.failed(request.id, str(e)))
             return
-        error = None
         if len(tokens) >= self.n_ctx:
-            error = f"prompt_too_long: {len(tokens)} tokens, the context holds {self.n_ctx}"
-        self.waiting.append(_Pending(request, tokens, error))
+            self.failed.append(Completion.failed(
+                request.id, f"prompt_too_long: {len(tokens)} tokens, the context holds {self.n_ctx}", len(tokens)))
+            return
+        self.waiting.append(_Pending(request, tokens))
 
     def abort(self, request_id: int) -> None:
         self.waiting = deque(p for p in self.waiting if p.request.id != request_id)
+        self.failed = [c for c in self.failed if c.request_id != request_id]
         for seq in self.slots:
             if seq and seq.request.id == request_id:
                 self._release(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting) or any(self.slots)
+        return bool(self.waiting or self.failed) or any(self.slots)
 
     def step(self) -> list[Completion]:
         """Prompt chunks in one decode call, then one token for every generating sequence in another.
@@ -213,30 +217,21 @@ class LlamaCppEngine:
         if self.chat is None:
             raise RowError("no_chat_template: the model has no chat template; set chat_template in the worker pool")
         text = self.chat.render(request.messages)
-        bos = self.ll.llama_vocab_bos(self.vocab)
-        add_bos = self.ll.llama_vocab_get_add_bos(self.vocab)
-        bos_text = self.piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else ""
+        bos_text = self.chat.special["bos_token"]
         # a template that writes the BOS text itself must not get a second BOS
-        return self.tokenize(text, add_special=add_bos and not (bos_text and text.startswith(bos_text)),
+        return self.tokenize(text, add_special=self.add_bos and not (bos_text and text.startswith(bos_text)),
                              parse_special=True)
 
     def _admit(self) -> list[Completion]:
-        """Move waiting requests into free slots; rows that cannot run fail here, not in the engine."""
-        failed = []
-        while self.waiting and self.waiting[0].error:
-            p = self.waiting.popleft()
-            failed.append(Completion.failed(p.request.id, p.error, len(p.tokens)))
+        """Move waiting requests into free slots; returns the rows that failed before reaching the model."""
+        failed, self.failed = self.failed, []
         if not self.kv_unified:
             self._compact()
         if self.prefix_reuse and self._seek_prefix():
             return failed  # the new prefix is computed this step; requests start from it on the next
         for slot, occupant in enumerate(self.slots):
-            while occupant is None and self.waiting:
-                p = self.waiting.popleft()
-                if p.error:
-                    failed.append(Completion.failed(p.request.id, p.error, len(p.tokens)))
-                    continue
-                occupant = self.slots[slot] = self._start(p, slot)
+            if occupant is None and self.waiting:
+                self.slots[slot] = self._start(self.waiting.popleft(), slot)
         return failed
 
     def _compact(self) -> None:
@@ -286,9 +281,7 @@ class LlamaCppEngine:
         self.prefix_checked_for = head.request.id
         if self.prefix and _common_prefix(self.prefix.tokens, head.tokens) >= self.prefix_min:
             return False
-        others = [p.tokens for p in itertools.islice(self.waiting, 1, 33) if not p.error]
-        if not others:
-            return False
+        others = [p.tokens for p in itertools.islice(self.waiting, 1, 33)]
         shared = sorted((_common_prefix(head.tokens, t) for t in others), reverse=True)
         length = min(shared[(len(shared) - 1) // 2], len(head.tokens) - 1, self.n_ctx - 1)
         if length < self.prefix_min:
