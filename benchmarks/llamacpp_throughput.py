@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -292,5 +291,4 @@ def _ratios(rows: list[Row], parallel: int) -> None:
 
 
 if __name__ == "__main__":
-    threading.current_thread().name = "bench"
     main()

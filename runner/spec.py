@@ -266,8 +266,9 @@ _BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "les
 def describe_error(e: ValidationError, secret_paths: set = frozenset()) -> str:
     """The first validation error as one line: `key.path[0]: expected ..., got ...`."""
     err = e.errors()[0]
-    # Unions report one error per branch, with the branch name in the location.
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {"int", "float", "none", "function-after[_needs_model(), WorkerPool]", "function-after[_one_source(), function-before[_messages_replace_prompt(), InputSpec]]"}))
+    # Unions name their branch, and model validators their function, in the location: not keys.
+    loc = tuple(p for p in err["loc"]
+                if not (isinstance(p, str) and (p in {"int", "float", "none"} or p.startswith("function-"))))
     msg = _EXPECTED.get(err["type"]) or err["msg"].removeprefix("Value error, ")
     bound = _BOUNDS.get(err["type"])
     if bound:

@@ -162,8 +162,6 @@ def test_a_prompt_equal_to_the_prefix_still_gets_its_own_logits(tiny_model, sing
 
 
 def test_chat_messages_render_with_the_models_template(tiny_model, single):
-    from runner.tinymodel import CHAT_TEMPLATE  # noqa: F401  (the template written into the GGUF)
-
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is the price good?"}]
     text = single.chat.render(messages)
     assert text == "<|system|>\nBe brief.</s>\n<|user|>\nIs the price good?</s>\n<|assistant|>\n"
