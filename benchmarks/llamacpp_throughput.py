@@ -26,7 +26,6 @@ import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -38,20 +37,9 @@ from runner.engines.llamacpp import LlamaCppEngine
 from runner.spec import Sampling
 from runner.tinymodel import _WORDS, TinyConfig, write_tiny_gguf
 
+from measure import Row  # benchmarks/measure.py, beside this script
+
 MODEL_125M = TinyConfig(n_embd=768, n_layer=12, n_head=12, n_head_kv=4, n_ff=2048, n_vocab=32000, quant="Q8_0")
-
-
-@dataclass
-class Row:
-    name: str
-    prompts: int
-    completion_tokens: int
-    seconds: float
-    note: str = ""
-
-    @property
-    def rate(self) -> float:
-        return self.completion_tokens / self.seconds if self.seconds else 0.0
 
 
 def make_prompts(engine: LlamaCppEngine, n: int, tokens: int, seed: int) -> list[str]:

@@ -10,7 +10,7 @@ import sys
 import click
 
 from runner.errors import RunnerError
-from runner.spec import load_spec
+from runner.spec import load_spec, parse_spec_text
 
 
 def _fail(e: RunnerError) -> None:
@@ -46,38 +46,85 @@ def validate(job_yaml: str) -> None:
     plan = validate_job(spec)
     click.echo(f"job {spec.name}: {len(plan.files)} input files, {plan.total_rows} rows, "
                f"{len(plan.units)} units of up to {spec.unit_rows} rows")
-    for name, pool in zip(spec.pool_names(), spec.workers):
+    for i, (name, pool) in enumerate(zip(spec.pool_names(), spec.workers)):
+        engine = json.dumps(pool.engine_args) if pool.engine == "vllm" else f"parallel={pool.parallel}"
+        placed = "".join(f", {k}={v:g}" for k, v in pool.resources.items())
+        placed += f", accelerator_type={pool.accelerator_type}" if pool.accelerator_type else ""
         click.echo(f"  pool {name}: {pool.replicas} x {pool.engine} {pool.model or ''} "
-                   f"(num_cpus={pool.num_cpus:g}, num_gpus={pool.num_gpus:g}, parallel={pool.parallel})")
+                   f"(num_cpus={pool.num_cpus:g}, num_gpus={pool.num_gpus:g}{placed}, {engine}; "
+                   f"{spec.units_per_lease(i) * spec.unit_rows} rows a lease)")
     click.echo(f"  output: {spec.output.path}")
 
 
+ADDRESS_HELP = ("Ray cluster: its dashboard (http://HEAD:8265) submits through the Job Submission API, "
+                "a GCS address (HEAD:6379) joins it from here. Default: RAY_ADDRESS, else an embedded local Ray.")
+
+
+def _address_option(f):
+    return click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS") or None, help=ADDRESS_HELP)(f)
+
+
 @main.command()
-@click.argument("job_yaml", type=click.Path(dir_okay=False))
-@click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS"),
-              help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray).")
+@click.argument("job_yaml", type=click.Path(dir_okay=False), required=False)
+@_address_option
 @click.option("--overwrite", is_flag=True, help="Replace whatever the output location holds.")
+@click.option("--no-wait", is_flag=True, help="With a dashboard --address: print the submission id and return.")
 @click.option("--no-dashboard", is_flag=True, help="Start the embedded Ray without its dashboard.")
 @click.option("--no-progress", is_flag=True, help="No progress bar or progress lines.")
-def submit(job_yaml: str, address: str | None, overwrite: bool, no_dashboard: bool, no_progress: bool) -> None:
-    """Run the job (or resume it: committed units are skipped)."""
+@click.option("--spec-from-env", hidden=True, help="Read the job.yaml text from this environment variable.")
+def submit(job_yaml: str | None, address: str | None, overwrite: bool, no_wait: bool, no_dashboard: bool,
+           no_progress: bool, spec_from_env: str | None) -> None:
+    """Run the job (or resume it: committed units are skipped), here or on a Ray cluster."""
     from runner.job import RunOptions, run_job
+    from runner.remote import is_dashboard_address
 
-    spec, resolved = load_spec(job_yaml)
-    m = run_job(spec, resolved, RunOptions(address or None, overwrite, not no_dashboard, not no_progress))
+    if bool(job_yaml) == bool(spec_from_env):
+        raise click.UsageError("give JOB_YAML")
+    if spec_from_env:
+        spec, resolved = parse_spec_text(os.environ.get(spec_from_env, ""), f"${{{spec_from_env}}}")
+    else:
+        spec, resolved = load_spec(job_yaml)
+    if is_dashboard_address(address):
+        _submit_remote(job_yaml, spec, address, overwrite, no_wait)
+        return
+    m = run_job(spec, resolved, RunOptions(address, overwrite, not no_dashboard, not no_progress))
     click.echo(f"job {spec.name} {m['status']}: {m['rows_ok']} rows ok, {m['rows_failed']} failed "
                f"({m['units_skipped']} units resumed, {m['units_this_run']} generated) in {m['wall_time_s']:.1f}s, "
                f"{m['rows_per_s']:.1f} rows/s, {m['tokens_per_s']:.1f} tok/s -> {spec.output.path}")
 
 
+def _submit_remote(job_yaml: str, spec, address: str, overwrite: bool, no_wait: bool) -> None:
+    from runner.remote import RemoteJobs, exit_code
+
+    jobs = RemoteJobs(address)
+    with open(job_yaml) as f:
+        text = f.read()
+    sid = jobs.submit(spec, text, dict(os.environ), overwrite)
+    click.echo(f"submitted job {spec.name} to {address} as {sid}")
+    if no_wait:
+        click.echo(f"follow it with: runner logs {sid} --address {address} --follow")
+        return
+    try:
+        info = jobs.follow(sid, lambda t: click.echo(t, nl=False))
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped following; the job runs on. runner stop {sid} --address {address} ends it", err=True)
+        sys.exit(130)
+    click.echo(f"submission {sid}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    sys.exit(exit_code(info))
+
+
 @main.command()
-@click.argument("job_yaml", type=click.Path(dir_okay=False))
+@click.argument("target")
+@_address_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(job_yaml: str, as_json: bool) -> None:
-    """Units done / total and rows ok / failed, read from the output location."""
+def status(target: str, address: str | None, as_json: bool) -> None:
+    """A job's progress: TARGET is a job.yaml (read from its output location) or a submission id (--address)."""
+    if not os.path.isfile(target):
+        _remote_status(target, _dashboard(address, target), as_json)
+        return
     from runner.job import job_status
 
-    spec, _ = load_spec(job_yaml)
+    spec, _ = load_spec(target)
     s = job_status(spec)
     if as_json:
         click.echo(json.dumps(s, indent=2))
@@ -92,6 +139,55 @@ def status(job_yaml: str, as_json: bool) -> None:
         reused = f", {p['prompt_tokens_reused']} prompt tokens reused" if p.get("prompt_tokens_reused") else ""
         click.echo(f"  pool {pool}: {p['units']} units, {p['rows']} rows, {p['completion_tokens']} tokens, "
                    f"{p['tokens_per_s']} tok/s{reused}")
+        for worker, w in p["workers"].items():
+            click.echo(f"    {worker}: {w['units']} units, {w['rows']} rows, {w['completion_tokens']} tokens, "
+                       f"{w['tokens_per_s']} tok/s")
+
+
+def _dashboard(address: str | None, target: str) -> str:
+    from runner.errors import SpecError
+    from runner.remote import is_dashboard_address
+
+    if not is_dashboard_address(address):
+        raise SpecError(f"{target}: no such job.yaml; for a submission id give --address http://HEAD:8265")
+    return address
+
+
+def _remote_status(sid: str, address: str, as_json: bool) -> None:
+    from runner.remote import RemoteJobs
+
+    info = RemoteJobs(address).info(sid)
+    if as_json:
+        click.echo(info.model_dump_json(indent=2) if hasattr(info, "model_dump_json") else json.dumps(vars(info)))
+        return
+    name = (info.metadata or {}).get("job_name", "?")
+    click.echo(f"submission {sid} (job {name}): {info.status.value}" + (f": {info.message}" if info.message else ""))
+
+
+@main.command()
+@click.argument("submission_id")
+@_address_option
+@click.option("--follow", is_flag=True, help="Keep printing until the job ends.")
+def logs(submission_id: str, address: str | None, follow: bool) -> None:
+    """Print a submitted job's log (driver output, worker lines included)."""
+    from runner.remote import RemoteJobs
+
+    jobs = RemoteJobs(_dashboard(address, submission_id))
+    if follow:
+        jobs.follow(submission_id, lambda t: click.echo(t, nl=False))
+    else:
+        click.echo(jobs.logs(submission_id), nl=False)
+
+
+@main.command()
+@click.argument("submission_id")
+@_address_option
+def stop(submission_id: str, address: str | None) -> None:
+    """Stop a submitted job; its committed units stay, and submitting it again resumes."""
+    from runner.remote import RemoteJobs
+
+    stopped = RemoteJobs(_dashboard(address, submission_id)).stop(submission_id)
+    click.echo(f"submission {submission_id}: " + ("stop requested" if stopped else "was not running"))
 
 
 @main.command("make-tiny-model")

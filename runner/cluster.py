@@ -9,7 +9,7 @@ import time
 from runner.coordinator import Coordinator
 from runner.errors import JobFailedError
 from runner.plan import Unit
-from runner.spec import JobSpec
+from runner.spec import JobSpec, WorkerPool
 from runner.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -28,24 +28,36 @@ def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options) -> list[t
         if ctx.dashboard_url:
             log.info("Ray dashboard: http://%s", ctx.dashboard_url)
     try:
-        check_fits(spec)
+        check_fits(spec, embedded=not options.address)
         return Supervisor(spec, units, run_id).run(options.progress)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def check_fits(spec: JobSpec) -> None:
-    """Say when a pool can never be placed, instead of waiting forever for resources."""
+def replica_needs(pool: WorkerPool) -> dict[str, float]:
+    """The Ray resources one replica of the pool takes (its accelerator type as Ray names that resource)."""
+    need = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **pool.resources}
+    if pool.accelerator_type:
+        need[f"accelerator_type:{pool.accelerator_type}"] = 0.001
+    return {k: v for k, v in need.items() if v}
+
+
+def check_fits(spec: JobSpec, embedded: bool) -> None:
+    """Say when a pool can never be placed instead of waiting forever. On a cluster joined by address
+    the autoscaler may still add the nodes a pool needs, so there it is a warning."""
     import ray
 
     total = ray.cluster_resources()
     for name, pool in zip(spec.pool_names(), spec.workers):
-        need = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **pool.resources}
-        short = {k: v for k, v in need.items() if v and total.get(k, 0) < v}
+        short = {k: v for k, v in replica_needs(pool).items() if total.get(k, 0) < v}
         if short:
-            raise JobFailedError(f"pool {name}: one replica needs {short} but the Ray cluster has "
-                                 f"{ {k: total.get(k, 0) for k in short} }")
+            have = {k: total.get(k, 0) for k in short}
+            if embedded:
+                raise JobFailedError(f"pool {name}: one replica needs {short} but the Ray cluster has {have}")
+            log.warning("pool %s: one replica needs %s and the cluster now has %s; waiting for the autoscaler "
+                        "to add such a node", name, short, have)
+            continue
         wanted = pool.num_cpus * pool.replicas
         if wanted > total.get("CPU", 0):
             log.warning("pool %s asks for %g CPUs over %d replicas; the cluster has %g, so some replicas wait",
@@ -64,19 +76,41 @@ class Supervisor:
         self.coordinator = ray.remote(Coordinator).options(
             num_cpus=0, name="coordinator", namespace=self.namespace).remote(units, spec.max_attempts)
         self.live: dict = {}  # run() ref -> (pool index, replica, actor)
+        self.groups: dict = {}  # (pool index, replica) -> placement group of a multi-GPU replica
         self.incarnations: dict[tuple[int, int], int] = {}
         self.replacements = sum(p.replicas for p in spec.workers) * spec.max_attempts
         self.rows_total = sum(u.num_rows for u in units)
 
     def spawn(self, pool_index: int, replica: int) -> None:
-        pool, name = self.spec.workers[pool_index], self.spec.pool_names()[pool_index]
+        name = self.spec.pool_names()[pool_index]
         n = self.incarnations[(pool_index, replica)] = self.incarnations.get((pool_index, replica), -1) + 1
         actor = self.ray.remote(Worker).options(
-            name=f"{name}-{replica}" + (f".{n}" if n else ""), namespace=self.namespace,
-            num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
-            resources=pool.resources or None, max_restarts=0,
+            name=f"{name}-{replica}" + (f".{n}" if n else ""), namespace=self.namespace, max_restarts=0,
+            **self.placement(pool_index, replica),
         ).remote(self.spec, pool_index, replica, self.coordinator, self.run_id)
         self.live[actor.run.remote()] = (pool_index, replica, actor)
+
+    def placement(self, pool_index: int, replica: int) -> dict:
+        """Ray options that place one replica. A vLLM replica spanning several GPUs gets a placement group
+        of one {GPU: 1} bundle per GPU (kept for the replica's replacements too): the actor holds no GPU
+        itself, and vLLM's Ray executor puts one engine worker in each bundle."""
+        pool = self.spec.workers[pool_index]
+        accel = {f"accelerator_type:{pool.accelerator_type}": 0.001} if pool.accelerator_type else {}
+        if pool.gpus_per_replica <= 1:
+            return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "resources": {**pool.resources, **accel} or None}
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        key = (pool_index, replica)
+        if key not in self.groups:
+            bundles = [{"GPU": 1.0, **accel} for _ in range(pool.gpus_per_replica)]
+            bundles[0].update({"CPU": pool.num_cpus, **pool.resources})  # the actor's own share
+            one_node = int(pool.engine_args.get("pipeline_parallel_size", 1)) == 1
+            self.groups[key] = placement_group(bundles, strategy="STRICT_PACK" if one_node else "PACK",
+                                               name=f"{self.namespace}-{self.spec.pool_names()[pool_index]}-{replica}")
+        return {"num_cpus": pool.num_cpus, "num_gpus": 0, "resources": dict(pool.resources) or None,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    self.groups[key], placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
 
     def run(self, show_progress: bool) -> list[tuple[Unit, str]]:
         for i, pool in enumerate(self.spec.workers):
@@ -88,7 +122,10 @@ class Supervisor:
                     ready, _ = self.ray.wait(list(self.live), num_returns=1, timeout=1.0)
                     for ref in ready:
                         self._reap(ref)
-                    bar.update(self.ray.get(self.coordinator.progress.remote()))
+                    progress = self.ray.get(self.coordinator.progress.remote())
+                    bar.update(progress)
+                    if progress["finished"]:
+                        break  # every unit is committed; a replica still waiting for a node is not needed
             progress = self.ray.get(self.coordinator.progress.remote())
             given_up = self.ray.get(self.coordinator.given_up.remote())
         finally:
@@ -103,6 +140,11 @@ class Supervisor:
             self.ray.kill(actor, no_restart=True)
         self.live.clear()
         self.ray.kill(self.coordinator, no_restart=True)
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self.groups.values():
+            remove_placement_group(group)
+        self.groups.clear()
 
     def _reap(self, ref) -> None:
         pool_index, replica, actor = self.live.pop(ref)

@@ -10,11 +10,11 @@ from runner.plan import Unit
 
 @dataclass(frozen=True)
 class Lease:
-    """The answer to a worker asking for work: a unit (with its attempt number), `wait`, or `done`."""
+    """The answer to a worker asking for work: units (each with its attempt number), `wait`, or `done`."""
 
-    state: str  # "unit" | "wait" | "done"
-    unit: Unit | None = None
-    attempt: int = 0
+    state: str  # "units" | "wait" | "done"
+    units: tuple[Unit, ...] = ()
+    attempts: tuple[int, ...] = ()
 
 
 class Coordinator:
@@ -31,12 +31,14 @@ class Coordinator:
         self.totals: Counter = Counter()
         self.last_error: str | None = None
 
-    def next_unit(self, worker: str) -> Lease:
+    def next_units(self, worker: str, count: int = 1) -> Lease:
+        """Up to `count` units, consecutive in the plan, so a pool with large leases reads long runs of a file."""
         if self.pending:
-            unit = self.pending.popleft()
-            self.leases[unit.id] = worker
-            self.attempts[unit.id] += 1
-            return Lease("unit", unit, self.attempts[unit.id])
+            units = tuple(self.pending.popleft() for _ in range(min(count, len(self.pending))))
+            for unit in units:
+                self.leases[unit.id] = worker
+                self.attempts[unit.id] += 1
+            return Lease("units", units, tuple(self.attempts[u.id] for u in units))
         return Lease("wait") if self.leases else Lease("done")
 
     def complete(self, worker: str, unit_id: str, totals: dict) -> None:
@@ -53,7 +55,7 @@ class Coordinator:
     def worker_lost(self, worker: str, error: str) -> list[str]:
         """Requeue (or give up on) every unit the worker held; returns their ids."""
         held = [uid for uid, w in self.leases.items() if w == worker]
-        for uid in held:
+        for uid in reversed(held):  # each goes to the queue's head: reversed keeps them in plan order
             del self.leases[uid]
             self._retry_or_give_up(uid, f"worker {worker} lost: {error}")
         return held

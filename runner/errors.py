@@ -47,3 +47,9 @@ class EngineError(RunnerError):
     """An engine failed in a way that is not the fault of one row."""
 
     exit_code = 8
+
+
+class ClusterError(RunnerError):
+    """A Ray cluster cannot be reached, or its Job Submission API refused a request."""
+
+    exit_code = 9

@@ -39,6 +39,7 @@ class UnitStats:
     finished_at: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     prompt_tokens_reused: int = 0  # taken from a shared prefix's KV instead of computed
+    node: str = ""  # the Ray node id the worker ran on
 
 
 def error_kind(error: str) -> str:
@@ -191,4 +192,4 @@ def _rate(ms: list[UnitStats], run_id: str | None) -> dict:
     span = max(m.finished_at for m in mine) - min(m.started_at for m in mine) if mine else 0.0
     toks = sum(m.completion_tokens for m in mine)
     return {"units": len(ms), "rows": sum(m.rows for m in ms), "completion_tokens": sum(m.completion_tokens for m in ms),
-            "tokens_per_s": round(toks / span, 1) if span > 0 else 0.0}
+            "tokens_per_s": round(toks / span, 1) if span > 0 else 0.0, "nodes": sorted({m.node for m in ms if m.node})}

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.utils import get_protocol
 
-from runner.errors import InputError, StorageError
+from runner.errors import InputError, RunnerError, StorageError
 from runner.spec import JobSpec
 from runner.storage import retrying
 
@@ -84,7 +84,9 @@ def list_inputs(url: str, storage_options: dict) -> list[str]:
             raise InputError(f"input.path: {url} does not exist")
     except FileNotFoundError:
         raise InputError(f"input.path: {url} does not exist") from None
-    except OSError as e:
+    except RunnerError:
+        raise
+    except Exception as e:  # OSError, and an object store client's own errors (unreachable endpoint, auth)
         raise StorageError(f"input.path: cannot list {url} ({e})") from None
     if not found:
         raise InputError(f"input.path: no files match {url}")

@@ -88,17 +88,34 @@ class OutputSpec(_Model):
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for output.path.")
 
 
+LLAMACPP_ONLY = ("parallel", "n_ctx", "n_threads", "n_batch", "flash_attn", "kv_unified", "prefix_reuse",
+                 "prefix_min_tokens")
+VLLM_SETTING_FOR = {"parallel": "engine_args.max_num_seqs", "n_ctx": "engine_args.max_model_len"}
+# vLLM engine_args that change what a row's text is; resume refuses when one of them changes.
+VLLM_OUTPUT_ARGS = ("max_model_len", "dtype", "quantization", "revision", "tokenizer", "tokenizer_revision")
+
+
 class WorkerPool(_Model):
     """A pool of identical Ray actors, each wrapping one engine."""
 
-    engine: Literal["llamacpp", "echo"] = Field(description="Engine every replica runs.")
+    engine: Literal["llamacpp", "vllm", "echo"] = Field(description="Engine every replica runs.")
     name: str | None = Field(None, description="Pool name in logs, actor names and the manifest.")
-    model: PathOrUrl | None = Field(None, description="GGUF file: a path or any fsspec URL, fetched once per node.")
+    model: str | None = Field(
+        None, description="llamacpp: a GGUF file, a path or any fsspec URL, fetched once per node. vllm: a Hugging "
+                          "Face id or a model directory, loaded by vLLM as usual.")
     model_storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for model.")
     replicas: int = Field(1, ge=1, description="Actors in the pool.")
     num_cpus: float = Field(1, ge=0, description="CPUs each actor reserves; llama.cpp uses as many threads.")
-    num_gpus: float = Field(0, ge=0, description="GPUs each actor reserves.")
-    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each actor needs.")
+    num_gpus: float = Field(
+        0, ge=0, description="GPUs each actor reserves; vllm: default tensor_parallel_size x pipeline_parallel_size.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each actor needs, e.g. {cpu_infer: 1}: pins the "
+                                          "pool to the node types that advertise them.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type each replica's node must have, e.g. H100, A10G, L4.")
+    unit_rows: int | None = Field(
+        None, ge=1, description="Rows a replica takes from the queue at once, a multiple of the job's unit_rows "
+                                "(which stays the checkpoint unit); default: the job's unit_rows.")
     n_ctx: int = Field(2048, ge=16, description="Context length of one sequence (llamacpp).")
     parallel: int = Field(8, ge=1, description="Sequences decoded together.")
     n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default num_cpus.")
@@ -110,16 +127,71 @@ class WorkerPool(_Model):
     prefix_min_tokens: int = Field(32, ge=1, description="Shortest shared prefix worth reusing.")
     chat_template: str | None = Field(
         None, description="Jinja chat template for messages_column; default: the one in the GGUF metadata.")
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="Engine-specific settings passed through.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Engine settings passed through; vllm: vLLM's EngineArgs unchanged "
+                                          "(tensor_parallel_size, max_num_seqs, gpu_memory_utilization, ...).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        vllm = data.get("engine") == "vllm"
+        model = data.get("model")
+        if isinstance(model, str) and (not vllm or model.startswith(("/", "./", "../", "~"))):
+            data["model"] = absolute_local(model)  # a vLLM model not given as a path is a Hugging Face id
+        args = data.get("engine_args", {})
+        if vllm and "num_gpus" not in data and isinstance(args, dict):
+            sizes = [args.get(k, 1) for k in ("tensor_parallel_size", "pipeline_parallel_size")]
+            if all(isinstance(n, int) for n in sizes):
+                data["num_gpus"] = sizes[0] * sizes[1]
+        return data
 
     @model_validator(mode="after")
     def _needs_model(self) -> "WorkerPool":
-        if self.engine == "llamacpp" and not self.model:
+        if self.engine in ("llamacpp", "vllm") and not self.model:
             raise ValueError(f"engine {self.engine!r} needs a model")
+        if self.engine == "vllm":
+            return self._check_vllm()
         if self.engine == "llamacpp" and self.parallel + self.prefix_reuse > LLAMA_MAX_SEQ:
             raise ValueError(f"parallel: llama.cpp holds at most {LLAMA_MAX_SEQ} sequences, one of them the "
                              f"shared prefix when prefix_reuse is on; got {self.parallel}")
         return self
+
+    def _check_vllm(self) -> "WorkerPool":
+        for key in LLAMACPP_ONLY:
+            if key in self.model_fields_set:
+                instead = VLLM_SETTING_FOR.get(key)
+                raise ValueError(f"{key} is a llamacpp setting" + (f"; for vllm set {instead}" if instead else ""))
+        gpus = self.gpus_per_replica
+        if gpus > 1 and self.num_gpus != gpus:
+            raise ValueError(f"num_gpus: vLLM with tensor x pipeline parallel size {gpus} needs {gpus} GPUs, "
+                             f"got {self.num_gpus:g}")
+        return self
+
+    @property
+    def gpus_per_replica(self) -> int:
+        """GPUs one vLLM replica spans: tensor x pipeline parallel size (1 for other engines)."""
+        if self.engine != "vllm":
+            return 1
+        args = self.engine_args
+        return int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
+
+    @field_validator("engine_args")
+    @classmethod
+    def _parallel_sizes(cls, v: dict) -> dict:
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs"):
+            if key in v and (not isinstance(v[key], int) or isinstance(v[key], bool) or v[key] < 1):
+                raise ValueError(f"{key}: expected an integer >= 1, got {json.dumps(v[key], default=str)}")
+        return v
+
+    def output_settings(self) -> tuple:
+        """What in this pool changes a row's text: part of the job's fingerprint."""
+        if self.engine == "vllm":
+            args = {k: self.engine_args[k] for k in VLLM_OUTPUT_ARGS if k in self.engine_args}
+            return (self.engine, self.model or "", json.dumps(args, sort_keys=True), self.chat_template or "")
+        return (self.engine, self.model or "", self.n_ctx, self.chat_template or "")
 
     @field_validator("chat_template")
     @classmethod
@@ -150,6 +222,18 @@ class JobSpec(_Model):
     )
     prefetch_units: int = Field(1, ge=0, description="Units a worker reads ahead while it decodes.")
 
+    @model_validator(mode="after")
+    def _pool_units(self) -> "JobSpec":
+        for i, pool in enumerate(self.workers):
+            if pool.unit_rows is not None and pool.unit_rows % self.unit_rows:
+                raise ValueError(f"workers[{i}].unit_rows: expected a multiple of the job's unit_rows "
+                                 f"({self.unit_rows}), got {pool.unit_rows}")
+        return self
+
+    def units_per_lease(self, pool_index: int) -> int:
+        """How many checkpoint units a replica of the pool takes from the queue at once."""
+        return (self.workers[pool_index].unit_rows or self.unit_rows) // self.unit_rows
+
     @field_validator("max_failed_rows")
     @classmethod
     def _fraction_or_count(cls, v):
@@ -165,7 +249,7 @@ class JobSpec(_Model):
         body = {
             "input": self.input.model_dump(exclude={"storage_options"}),
             "sampling": self.sampling.model_dump(),
-            "models": sorted({(p.engine, p.model or "", p.n_ctx, p.chat_template or "") for p in self.workers}),
+            "models": sorted({p.output_settings() for p in self.workers}, key=str),
             "unit_rows": self.unit_rows,
         }
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -177,15 +261,20 @@ def load_spec(path: str | os.PathLike, env: dict[str, str] | None = None) -> tup
         text = Path(path).read_text()
     except OSError as e:
         raise SpecError(f"{path}: cannot read job spec ({e.strerror or e})") from None
+    return parse_spec_text(text, str(path), env)
+
+
+def parse_spec_text(text: str, source: str, env: dict[str, str] | None = None) -> tuple[JobSpec, dict]:
+    """Like load_spec, from the YAML text itself; `source` names it in errors."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise SpecError(f"{source}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
-        raise SpecError(f"{path}: expected a mapping of keys at the top level")
-    return parse_spec(raw, env if env is not None else dict(os.environ), source=str(path))
+        raise SpecError(f"{source}: expected a mapping of keys at the top level")
+    return parse_spec(raw, env if env is not None else dict(os.environ), source=source)
 
 
 def parse_spec(raw: dict, env: dict[str, str], source: str = "job.yaml") -> tuple[JobSpec, dict]:
@@ -278,4 +367,4 @@ def describe_error(e: ValidationError, secret_paths: set = frozenset()) -> str:
         if not isinstance(got, (dict, list)):
             shown = json.dumps(got, default=str)
             msg += f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
-    return f"{_dotted(loc)}: {msg}"
+    return f"{_dotted(loc)}: {msg}" if loc else msg  # a spec-wide check names its keys itself

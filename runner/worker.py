@@ -56,8 +56,8 @@ class RowGroupReader:
 class UnitFeed:
     """Background thread: leases units from the coordinator and reads them, `prefetch` ahead."""
 
-    def __init__(self, coordinator, reader: RowGroupReader, worker: str, prefetch: int):
-        self.coordinator, self.reader, self.worker = coordinator, reader, worker
+    def __init__(self, coordinator, reader: RowGroupReader, worker: str, prefetch: int, lease_units: int = 1):
+        self.coordinator, self.reader, self.worker, self.lease_units = coordinator, reader, worker, lease_units
         self.ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self.thread = threading.Thread(target=self._run, name=f"feed-{worker}", daemon=True)
         self.thread.start()
@@ -66,18 +66,19 @@ class UnitFeed:
         import ray
 
         while True:
-            lease = ray.get(self.coordinator.next_unit.remote(self.worker))
+            lease = ray.get(self.coordinator.next_units.remote(self.worker, self.lease_units))
             if lease.state == "done":
                 self.ready.put(END)
                 return
             if lease.state == "wait":
                 time.sleep(0.2)
                 continue
-            try:
-                self.ready.put(self.reader.read(lease.unit, lease.attempt))
-            except Exception as e:
-                log.warning("%s: %s", self.worker, e)
-                self.coordinator.fail.remote(self.worker, lease.unit.id, f"read_error: {e}")
+            for unit, attempt in zip(lease.units, lease.attempts):
+                try:
+                    self.ready.put(self.reader.read(unit, attempt))
+                except Exception as e:
+                    log.warning("%s: %s", self.worker, e)
+                    self.coordinator.fail.remote(self.worker, unit.id, f"read_error: {e}")
 
     def get(self, block: bool):
         try:
@@ -90,8 +91,11 @@ class Worker:
     """One engine, fed by a UnitFeed; finished units are committed on a writer thread."""
 
     def __init__(self, spec: JobSpec, pool_index: int, replica: int, coordinator, run_id: str):
+        import ray
+
         self.spec, self.coordinator, self.run_id = spec, coordinator, run_id
-        self.pool = spec.pool_names()[pool_index]
+        self.pool_index, self.pool = pool_index, spec.pool_names()[pool_index]
+        self.node = ray.get_runtime_context().get_node_id()
         self.name = f"{self.pool}-{replica}"
         self.engine = create_engine(spec.workers[pool_index], spec)
         self.store = OutputStore(spec)
@@ -104,7 +108,8 @@ class Worker:
     def run(self) -> dict:
         """Work until the coordinator has nothing left; returns this worker's totals."""
         started = time.time()
-        feed = UnitFeed(self.coordinator, RowGroupReader(self.spec), self.name, self.spec.prefetch_units)
+        feed = UnitFeed(self.coordinator, RowGroupReader(self.spec), self.name, self.spec.prefetch_units,
+                        self.spec.units_per_lease(self.pool_index))
         try:
             BatchLoop(self.engine, feed, self._commit_later, self.spec.sampling).run()  # close() waits for commits
         finally:
@@ -119,8 +124,9 @@ class Worker:
         unit = work.unit
         try:
             table = output_table(self.spec, unit, work.inputs, work.results)
-            stats = unit_stats(unit, work.results, pool=self.pool, worker=self.name, run_id=self.run_id,
-                               attempt=work.attempt, started_at=work.started_at, finished_at=time.time())
+            stats = unit_stats(unit, work.results, pool=self.pool, worker=self.name, node=self.node,
+                               run_id=self.run_id, attempt=work.attempt, started_at=work.started_at,
+                               finished_at=time.time())
             self.store.commit(unit, table, stats)
         except Exception as e:
             log.error("%s: commit of %s failed: %s", self.name, unit.id, e)

@@ -148,3 +148,10 @@ def test_sigkill_mid_job_then_resume(tmp_path, tiny_model):
     rows = ds.dataset(tmp_path / "out", format="parquet").to_table(columns=["source_row", "error"]).to_pylist()
     assert sorted(r["source_row"] for r in rows) == list(range(1200))  # none lost, none twice
     assert all(r["error"] is None for r in rows)
+
+
+def test_status_of_neither_a_file_nor_a_submission_on_a_cluster(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    r = CliRunner().invoke(main, ["status", "runner-x-1234"])
+    assert r.exit_code == 2
+    assert r.output.strip() == "error: runner-x-1234: no such job.yaml; for a submission id give --address http://HEAD:8265"

@@ -8,33 +8,33 @@ def units(n):
 
 def test_hands_out_each_unit_once_then_done():
     c = Coordinator(units(3), max_attempts=2)
-    got = [c.next_unit("w").unit.id for _ in range(3)]
+    got = [c.next_units("w").units[0].id for _ in range(3)]
     assert len(set(got)) == 3
-    assert c.next_unit("w").state == "wait"  # all leased, none committed yet
+    assert c.next_units("w").state == "wait"  # all leased, none committed yet
     for uid in got:
         c.complete("w", uid, {"rows": 1})
-    assert c.next_unit("w").state == "done"
+    assert c.next_units("w").state == "done"
     assert c.progress()["rows"] == 3 and c.progress()["finished"]
 
 
 def test_lost_worker_units_go_back_and_give_up_after_attempts():
     c = Coordinator(units(2), max_attempts=2)
-    a = c.next_unit("a")
-    b = c.next_unit("b")
-    assert c.worker_lost("a", "killed") == [a.unit.id]
-    again = c.next_unit("b")
-    assert again.unit.id == a.unit.id and again.attempt == 2
+    a = c.next_units("a")
+    b = c.next_units("b")
+    assert c.worker_lost("a", "killed") == [a.units[0].id]
+    again = c.next_units("b")
+    assert again.units[0].id == a.units[0].id and again.attempts[0] == 2
     c.worker_lost("b", "killed")  # second loss of a's unit: given up; b's first unit requeued
-    assert [u.id for u, _ in c.given_up()] == [a.unit.id]
-    retry = c.next_unit("c")
-    assert retry.unit.id == b.unit.id and retry.attempt == 2
-    c.complete("c", b.unit.id, {"rows": 1})
-    assert c.next_unit("c").state == "done"
+    assert [u.id for u, _ in c.given_up()] == [a.units[0].id]
+    retry = c.next_units("c")
+    assert retry.units[0].id == b.units[0].id and retry.attempts[0] == 2
+    c.complete("c", b.units[0].id, {"rows": 1})
+    assert c.next_units("c").state == "done"
 
 
 def test_duplicate_completion_counts_once():
     c = Coordinator(units(1), max_attempts=3)
-    uid = c.next_unit("a").unit.id
+    uid = c.next_units("a").units[0].id
     c.complete("a", uid, {"rows": 1})
     c.complete("b", uid, {"rows": 1})
     assert c.progress()["rows"] == 1
@@ -42,8 +42,20 @@ def test_duplicate_completion_counts_once():
 
 def test_failure_from_a_worker_that_no_longer_holds_the_unit_is_ignored():
     c = Coordinator(units(1), max_attempts=3)
-    uid = c.next_unit("a").unit.id
+    uid = c.next_units("a").units[0].id
     c.worker_lost("a", "gone")
-    c.next_unit("b")
+    c.next_units("b")
     c.fail("a", uid, "late report")
     assert c.progress()["units_in_flight"] == 1
+
+
+def test_a_lease_of_several_units_takes_consecutive_units_and_each_is_retried_alone():
+    c = Coordinator(units(5), max_attempts=2)
+    big = c.next_units("gpu", 3)
+    assert [u.row_start for u in big.units] == [0, 1, 2] and big.attempts == (1, 1, 1)
+    small = c.next_units("cpu", 3)
+    assert [u.row_start for u in small.units] == [3, 4]  # only what is left
+    c.complete("gpu", big.units[0].id, {"rows": 1})
+    assert sorted(c.worker_lost("gpu", "killed")) == [big.units[1].id, big.units[2].id]
+    again = c.next_units("cpu", 1)
+    assert again.units[0].id == big.units[1].id and again.attempts == (2,)

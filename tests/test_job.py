@@ -216,3 +216,29 @@ def test_chat_rows_with_per_row_sampling(ray_local, tiny_model, tmp_path):
         assert rows[i]["completion_tokens"] <= (2 if i % 2 else 6)
         assert rows[i]["prompt_tokens"] > 10  # the template's role markers were added
     assert any(rows[i]["completion_tokens"] == 6 for i in range(0, n, 2))
+
+
+def test_two_pools_share_one_queue_with_their_own_lease_sizes(ray_local, tiny_model, tmp_path):
+    """An echo pool leasing 3 units at a time and a llama.cpp pool leasing 1 pull from one queue; every
+    unit is still committed on its own, and every row is written exactly once."""
+    shards = make_inputs(tmp_path)
+    spec, resolved = job(tiny_model, str(tmp_path), str(tmp_path / "out"), unit_rows=4, workers=[
+        {"engine": "echo", "name": "fast", "num_cpus": 0.5, "unit_rows": 12, "engine_args": {"step_s": 0.02}},
+        {"engine": "llamacpp", "name": "cpu", "model": tiny_model, "num_cpus": 1, "n_ctx": 64, "parallel": 4},
+    ])
+    m = run_job(spec, resolved, RunOptions(dashboard=False, progress=False))
+    rows = check_exactly_once(str(tmp_path / "out"), shards)
+    assert m["units_committed"] == m["units_total"] == len(list((tmp_path / "out" / "_commits").glob("*.json")))
+    assert sum(p["units"] for p in m["pools"].values()) == m["units_total"] and len(rows) == m["rows_total"]
+    assert set(m["pools"]) == {"fast", "cpu"} and all(w["nodes"] for p in m["pools"].values()
+                                                       for w in p["workers"].values())
+
+
+def test_a_pool_no_node_can_hold_fails_at_once_on_the_embedded_ray(ray_local, tiny_model, tmp_path):
+    from runner.errors import JobFailedError
+
+    make_inputs(tmp_path)
+    spec, resolved = job(tiny_model, str(tmp_path), str(tmp_path / "out"),
+                         workers=[{"engine": "echo", "accelerator_type": "H100"}])
+    with pytest.raises(JobFailedError, match=r"pool echo0: one replica needs .*'accelerator_type:H100'"):
+        run_job(spec, resolved, RunOptions(dashboard=False, progress=False))

@@ -9,6 +9,7 @@ from runner.spec import JobSpec, WorkerPool
 
 ENGINES = {
     "llamacpp": "runner.engines.llamacpp:LlamaCppEngine",
+    "vllm": "runner.engines.vllm:VLLMEngine",
     "echo": "runner.engines.echo:EchoEngine",
 }
 
