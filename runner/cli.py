@@ -120,7 +120,7 @@ def _submit_remote(job_yaml: str, spec, address: str, overwrite: bool, no_wait: 
 def status(target: str, address: str | None, as_json: bool) -> None:
     """A job's progress: TARGET is a job.yaml (read from its output location) or a submission id (--address)."""
     if not os.path.isfile(target):
-        _remote_status(target, _dashboard(address, target), as_json)
+        _remote_status(target, _dashboard(address, f"{target}: no such job.yaml"), as_json)
         return
     from runner.job import job_status
 
@@ -144,12 +144,13 @@ def status(target: str, address: str | None, as_json: bool) -> None:
                        f"{w['tokens_per_s']} tok/s")
 
 
-def _dashboard(address: str | None, target: str) -> str:
+def _dashboard(address: str | None, problem: str) -> str:
+    """The cluster's dashboard address, or a one-line error saying `problem` and how to give it."""
     from runner.errors import SpecError
     from runner.remote import is_dashboard_address
 
     if not is_dashboard_address(address):
-        raise SpecError(f"{target}: no such job.yaml; for a submission id give --address http://HEAD:8265")
+        raise SpecError(f"{problem}; give --address http://HEAD:8265 (or RAY_ADDRESS) for a submission id")
     return address
 
 
@@ -172,7 +173,7 @@ def logs(submission_id: str, address: str | None, follow: bool) -> None:
     """Print a submitted job's log (driver output, worker lines included)."""
     from runner.remote import RemoteJobs
 
-    jobs = RemoteJobs(_dashboard(address, submission_id))
+    jobs = RemoteJobs(_dashboard(address, f"{submission_id}: no Ray cluster to ask"))
     if follow:
         jobs.follow(submission_id, lambda t: click.echo(t, nl=False))
     else:
@@ -186,7 +187,7 @@ def stop(submission_id: str, address: str | None) -> None:
     """Stop a submitted job; its committed units stay, and submitting it again resumes."""
     from runner.remote import RemoteJobs
 
-    stopped = RemoteJobs(_dashboard(address, submission_id)).stop(submission_id)
+    stopped = RemoteJobs(_dashboard(address, f"{submission_id}: no Ray cluster to ask")).stop(submission_id)
     click.echo(f"submission {submission_id}: " + ("stop requested" if stopped else "was not running"))
 
 

@@ -154,4 +154,7 @@ def test_status_of_neither_a_file_nor_a_submission_on_a_cluster(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     r = CliRunner().invoke(main, ["status", "runner-x-1234"])
     assert r.exit_code == 2
-    assert r.output.strip() == "error: runner-x-1234: no such job.yaml; for a submission id give --address http://HEAD:8265"
+    assert r.output.strip() == ("error: runner-x-1234: no such job.yaml; give --address http://HEAD:8265 "
+                                "(or RAY_ADDRESS) for a submission id")
+    r = CliRunner().invoke(main, ["stop", "runner-x-1234"])
+    assert r.exit_code == 2 and "runner-x-1234: no Ray cluster to ask; give --address" in r.output
