@@ -109,7 +109,8 @@ def _submit_remote(job_yaml: str, spec, address: str, overwrite: bool, no_wait: 
     except KeyboardInterrupt:
         click.echo(f"\nstopped following; the job runs on. runner stop {sid} --address {address} ends it", err=True)
         sys.exit(130)
-    click.echo(f"submission {sid}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    message = (info.message or "").strip().splitlines()
+    click.echo(f"submission {sid}: {info.status.value}" + (f" ({message[0]})" if message else ""))
     sys.exit(exit_code(info))
 
 
@@ -162,7 +163,8 @@ def _remote_status(sid: str, address: str, as_json: bool) -> None:
         click.echo(info.model_dump_json(indent=2) if hasattr(info, "model_dump_json") else json.dumps(vars(info)))
         return
     name = (info.metadata or {}).get("job_name", "?")
-    click.echo(f"submission {sid} (job {name}): {info.status.value}" + (f": {info.message}" if info.message else ""))
+    message = (info.message or "").strip().splitlines()
+    click.echo(f"submission {sid} (job {name}): {info.status.value}" + (f": {message[0]}" if message else ""))
 
 
 @main.command()
