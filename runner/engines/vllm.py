@@ -128,7 +128,9 @@ class VLLMEngine:
             params = SamplingParams(
                 n=1, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                 min_p=s.min_p, repetition_penalty=s.repeat_penalty, presence_penalty=s.presence_penalty,
-                frequency_penalty=s.frequency_penalty, seed=s.seed, stop=list(s.stop), output_kind=self.final_only)
+                frequency_penalty=s.frequency_penalty, stop=list(s.stop), output_kind=self.final_only,
+                # A seeded row gets a sampler of its own in vLLM; greedy rows need none.
+                seed=s.seed if s.temperature > 0 else None)
         except ValueError as e:
             raise _RowError(f"bad_sampling: {_one_line(e)}") from None
         if len(self.params) >= 4096:
