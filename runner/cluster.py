@@ -35,11 +35,14 @@ def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options) -> list[t
             ray.shutdown()
 
 
+def accelerator(pool: WorkerPool) -> dict[str, float]:
+    """The pool's accelerator type as the Ray resource every node of that type advertises."""
+    return {f"accelerator_type:{pool.accelerator_type}": 0.001} if pool.accelerator_type else {}
+
+
 def replica_needs(pool: WorkerPool) -> dict[str, float]:
-    """The Ray resources one replica of the pool takes (its accelerator type as Ray names that resource)."""
-    need = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **pool.resources}
-    if pool.accelerator_type:
-        need[f"accelerator_type:{pool.accelerator_type}"] = 0.001
+    """The Ray resources one replica of the pool takes."""
+    need = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **pool.resources, **accelerator(pool)}
     return {k: v for k, v in need.items() if v}
 
 
@@ -95,9 +98,10 @@ class Supervisor:
         of one {GPU: 1} bundle per GPU (kept for the replica's replacements too): the actor holds no GPU
         itself, and vLLM's Ray executor puts one engine worker in each bundle."""
         pool = self.spec.workers[pool_index]
-        accel = {f"accelerator_type:{pool.accelerator_type}": 0.001} if pool.accelerator_type else {}
+        accel = accelerator(pool)
         if pool.gpus_per_replica <= 1:
-            return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, "resources": {**pool.resources, **accel} or None}
+            return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus,
+                    "resources": {**pool.resources, **accel} or None}
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

@@ -27,7 +27,8 @@ def ray_local():
     """One local Ray for the in-process tests; run_job reuses it instead of starting its own."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    # "local": a Ray of its own, never one that `ray start` left running on this machine (test_multinode).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -107,7 +107,8 @@ def test_shipped_job_specs_are_valid(path):
      "workers[0]: num_gpus: vLLM with tensor x pipeline parallel size 2 needs 2 GPUs, got 1"),
     ({"engine": "vllm", "model": "m", "engine_args": {"tensor_parallel_size": "two"}},
      'workers[0].engine_args: tensor_parallel_size: expected an integer >= 1, got "two"'),
-    ({"engine": "echo", "unit_rows": 100}, "workers[0].unit_rows: expected a multiple of the job's unit_rows (64), got 100"),
+    ({"engine": "echo", "unit_rows": 100},
+     "workers[0].unit_rows: expected a multiple of the job's unit_rows (64), got 100"),
 ])
 def test_vllm_and_pool_errors(pool, message):
     with pytest.raises(SpecError) as e:
