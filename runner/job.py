@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from runner.engines.base import Completion
 from runner.errors import JobFailedError, ModelError
+from runner.lock import JobLock
 from runner.output import OutputStore, output_table, summarize, unit_stats
 from runner.plan import Plan, Unit, make_plan
 from runner.spec import JobSpec
@@ -60,10 +61,16 @@ def run_job(spec: JobSpec, resolved_spec: dict, options: RunOptions = RunOptions
     started = time.time()
     plan = validate(spec)
     store = OutputStore(spec)
+    run_id = uuid.uuid4().hex[:12]
+    with JobLock(store.loc, spec.name, run_id):
+        return _run_locked(spec, resolved_spec, options, plan, store, run_id, started)
+
+
+def _run_locked(spec: JobSpec, resolved_spec: dict, options: RunOptions, plan: Plan, store: OutputStore,
+                run_id: str, started: float) -> dict:
     resuming = store.begin(plan, resolved_spec, options.overwrite)
     done = store.committed_ids()
     todo = [u for u in plan.units if u.id not in done]
-    run_id = uuid.uuid4().hex[:12]
     log.info("job %s: %d units, %d rows; %d units already committed%s", spec.name, len(plan.units),
              plan.total_rows, len(plan.units) - len(todo), " (resuming)" if resuming else "")
     given_up: list[tuple[Unit, str]] = []

@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from runner.engines.base import Completion
 from runner.errors import EngineError, JobConflictError
+from runner.lock import LOCK
 from runner.plan import Plan, Unit
 from runner.spec import JobSpec
 from runner.storage import Location, storage_errors
@@ -94,7 +95,7 @@ class OutputStore:
         """Claim the location for this job; returns True when it resumes an earlier run."""
         with storage_errors(f"output.path: {self.loc.url}"):
             if overwrite:
-                self.loc.remove_all()
+                self.loc.remove_all(keep=(LOCK,))  # the lock is this driver's own
             names = self.loc.list()
             resuming = JOB in names
             if resuming:

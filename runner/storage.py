@@ -98,9 +98,10 @@ class Location:
         return sorted(p[len(root):] for p in found if p.startswith(root))
 
     @retrying
-    def remove_all(self) -> None:
+    def remove_all(self, keep: tuple[str, ...] = ()) -> None:
         for name in self.list():
-            self.fs.rm_file(self.path(name))
+            if name not in keep:
+                self.fs.rm_file(self.path(name))
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write_bytes(name, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
