@@ -100,7 +100,7 @@ def _submit_remote(job_yaml: str, spec, address: str, overwrite: bool, no_wait: 
     with open(job_yaml) as f:
         text = f.read()
     sid = jobs.submit(spec, text, dict(os.environ), overwrite)
-    click.echo(f"submitted job {spec.name} to {address} as {sid}")
+    click.echo(f"submitted job {spec.name} to {address} as {sid}; dashboard: {address.rstrip('/')}/#/jobs/{sid}")
     if no_wait:
         click.echo(f"follow it with: runner logs {sid} --address {address} --follow")
         return

@@ -166,7 +166,7 @@ def test_one_job_two_pools_each_on_its_node_type(cluster, mixed_job):
     path, root, prompts = mixed_job
     done = runner(cluster, "submit", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
-    sid = done.stdout.split(" as ", 1)[1].split()[0]
+    sid = done.stdout.split(" as ", 1)[1].split(";")[0]
     assert sid.startswith("runner-mixed-") and "job mixed succeeded" in done.stdout
 
     manifest = json.loads((root / "out" / "_manifest.json").read_text())
@@ -211,7 +211,7 @@ def test_stop_a_submitted_job_then_resubmit_resumes(cluster, tmp_path):
         """)
     started = runner(cluster, "submit", str(path), "--no-wait")
     assert started.returncode == 0, started.stderr
-    sid = started.stdout.split(" as ", 1)[1].split()[0]
+    sid = started.stdout.split(" as ", 1)[1].split(";")[0]
     commits = tmp_path / "out" / "_commits"
     deadline = time.time() + 120
     while len(list(commits.glob("*.json")) if commits.exists() else []) < 3 and time.time() < deadline:
