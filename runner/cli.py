@@ -6,10 +6,11 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import click
 
-from runner.errors import RunnerError
+from runner.errors import RunnerError, first_line
 from runner.spec import load_spec, parse_spec_text
 
 
@@ -97,9 +98,7 @@ def _submit_remote(job_yaml: str, spec, address: str, overwrite: bool, no_wait: 
     from runner.remote import RemoteJobs, exit_code
 
     jobs = RemoteJobs(address)
-    with open(job_yaml) as f:
-        text = f.read()
-    sid = jobs.submit(spec, text, dict(os.environ), overwrite)
+    sid = jobs.submit(spec, Path(job_yaml).read_text(), dict(os.environ), overwrite)
     click.echo(f"submitted job {spec.name} to {address} as {sid}; dashboard: {address.rstrip('/')}/#/jobs/{sid}")
     if no_wait:
         click.echo(f"follow it with: runner logs {sid} --address {address} --follow")
@@ -109,8 +108,8 @@ def _submit_remote(job_yaml: str, spec, address: str, overwrite: bool, no_wait: 
     except KeyboardInterrupt:
         click.echo(f"\nstopped following; the job runs on. runner stop {sid} --address {address} ends it", err=True)
         sys.exit(130)
-    message = (info.message or "").strip().splitlines()
-    click.echo(f"submission {sid}: {info.status.value}" + (f" ({message[0]})" if message else ""))
+    message = first_line(info.message)
+    click.echo(f"submission {sid}: {info.status.value}" + (f" ({message})" if message else ""))
     sys.exit(exit_code(info))
 
 
@@ -163,8 +162,8 @@ def _remote_status(sid: str, address: str, as_json: bool) -> None:
         click.echo(info.model_dump_json(indent=2) if hasattr(info, "model_dump_json") else json.dumps(vars(info)))
         return
     name = (info.metadata or {}).get("job_name", "?")
-    message = (info.message or "").strip().splitlines()
-    click.echo(f"submission {sid} (job {name}): {info.status.value}" + (f": {message[0]}" if message else ""))
+    message = first_line(info.message)
+    click.echo(f"submission {sid} (job {name}): {info.status.value}" + (f": {message}" if message else ""))
 
 
 @main.command()

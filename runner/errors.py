@@ -1,6 +1,14 @@
 """Typed errors: each names the field, file or row it is about; only the CLI maps them to exit codes."""
 
 
+def first_line(e: BaseException | str | None, limit: int = 500) -> str:
+    """The first non-blank line of an error (or message): what a one-line report quotes of it."""
+    lines = [ln.strip() for ln in str(e or "").splitlines() if ln.strip()]
+    if lines:
+        return lines[0][:limit]
+    return type(e).__name__ if isinstance(e, BaseException) else ""
+
+
 class RunnerError(Exception):
     """Base of every error a user can cause or fix."""
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
-from runner.errors import ClusterError
+from runner.errors import ClusterError, first_line
 from runner.spec import JobSpec
 
 SPEC_ENV = "RUNNER_JOB_YAML"  # the job.yaml text travels in the job's runtime env under this name
@@ -33,7 +33,7 @@ class RemoteJobs:
         try:
             self.client = JobSubmissionClient(address)
         except Exception as e:  # ConnectionError, or RuntimeError for an unexpected answer
-            raise ClusterError(f"--address {address}: cannot reach a Ray dashboard ({_first_line(e)})") from None
+            raise ClusterError(f"--address {address}: cannot reach a Ray dashboard ({first_line(e, 300)})") from None
 
     def submit(self, spec: JobSpec, spec_text: str, env: dict[str, str], overwrite: bool) -> str:
         """Start `runner submit` on the cluster with the spec in its runtime env; returns the submission id.
@@ -75,7 +75,7 @@ class RemoteJobs:
         try:
             return fn()
         except Exception as e:
-            text = _first_line(e)
+            text = first_line(e, 300)
             if "does not exist" in text or "404" in text:
                 raise ClusterError(f"{what}: no such job on the Ray cluster at {self.address}") from None
             raise ClusterError(f"{what}: the Ray cluster at {self.address} refused the request ({text})") from None
@@ -95,8 +95,3 @@ def exit_code(info) -> int:
         return 0
     code = getattr(info, "driver_exit_code", None)
     return code if isinstance(code, int) and code > 0 else 1
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]

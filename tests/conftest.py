@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import textwrap
@@ -85,3 +86,18 @@ def write_shard(path: str | os.PathLike, prompts: list, ids: list | None = None,
 def write_job(path: Path, body: str) -> Path:
     path.write_text(textwrap.dedent(body))
     return path
+
+
+def slow_echo_job(tmp_path: Path, name: str, rows: int, step_s: float, **pool) -> Path:
+    """A job.yaml over `rows` one-row units of the echo engine, each step taking `step_s`: a job that
+    runs long enough to be stopped, killed or submitted twice while it works."""
+    write_shard(tmp_path / "in.parquet", [f"row {i} has a few words" for i in range(rows)])
+    worker = {"engine": "echo", "parallel": 1, "engine_args": {"step_s": step_s}, **pool}
+    return write_job(tmp_path / "job.yaml", f"""
+        name: {name}
+        input: {{path: {tmp_path / 'in.parquet'}}}
+        output: {{path: {tmp_path / 'out'}}}
+        unit_rows: 1
+        prefetch_units: 2
+        workers: [{json.dumps(worker)}]
+        """)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from runner.job import RunOptions, run_job
-from runner.spec import parse_spec
+from runner.spec import load_spec
 
-from conftest import write_shard
+from conftest import slow_echo_job
 
 
 def worker_pids() -> list[int]:
@@ -31,12 +31,7 @@ def worker_pids() -> list[int]:
 
 def test_a_worker_killed_by_pid_has_its_units_redone_elsewhere(ray_local, tmp_path):
     rows = 40
-    write_shard(tmp_path / "in.parquet", [f"row {i} has a few words" for i in range(rows)])
-    spec, resolved = parse_spec({
-        "name": "faults", "input": {"path": str(tmp_path / "in.parquet")}, "output": {"path": str(tmp_path / "out")},
-        "unit_rows": 1, "prefetch_units": 2,
-        "workers": [{"engine": "echo", "replicas": 2, "num_cpus": 0.5, "parallel": 1, "engine_args": {"step_s": 0.1}}],
-    }, {})
+    spec, resolved = load_spec(slow_echo_job(tmp_path, "faults", rows, step_s=0.1, replicas=2, num_cpus=0.5))
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(run_job(spec, resolved, RunOptions(progress=False))))
     runner.start()

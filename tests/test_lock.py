@@ -12,7 +12,7 @@ from runner.errors import JobConflictError
 from runner.lock import LOCK, JobLock
 from runner.storage import Location
 
-from conftest import S3_KEY, S3_SECRET, write_job, write_shard
+from conftest import S3_KEY, S3_SECRET, slow_echo_job
 
 RUNNER = [sys.executable, "-m", "runner.cli"]
 
@@ -61,14 +61,7 @@ def test_a_dead_drivers_lock_is_taken_over(location, held, why, caplog):
 
 
 def test_two_submits_of_one_job_at_once(tmp_path):
-    write_shard(tmp_path / "in.parquet", [f"row {i} words" for i in range(12)])
-    path = write_job(tmp_path / "job.yaml", f"""
-        name: twice
-        input: {{path: {tmp_path / 'in.parquet'}}}
-        output: {{path: {tmp_path / 'out'}}}
-        unit_rows: 1
-        workers: [{{engine: echo, parallel: 1, engine_args: {{step_s: 0.5}}}}]
-        """)
+    path = slow_echo_job(tmp_path, "twice", rows=12, step_s=0.5)
     first = subprocess.Popen(RUNNER + ["submit", "--no-dashboard", "--no-progress", str(path)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60

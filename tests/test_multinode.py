@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import free_port, write_job, write_shard
+from tests.conftest import free_port, slow_echo_job, write_job, write_shard
 
 BIN = Path(sys.executable).parent
 STANDINS = Path(__file__).resolve().parent / "standins"
@@ -200,15 +200,7 @@ def test_one_job_two_pools_each_on_its_node_type(cluster, mixed_job):
 
 
 def test_stop_a_submitted_job_then_resubmit_resumes(cluster, tmp_path):
-    write_shard(tmp_path / "in.parquet", [f"row {i}" for i in range(40)])
-    path = write_job(tmp_path / "job.yaml", f"""
-        name: slow
-        input: {{path: {tmp_path / 'in.parquet'}}}
-        output: {{path: {tmp_path / 'out'}}}
-        unit_rows: 1
-        workers:
-          - {{engine: echo, parallel: 1, num_cpus: 1, resources: {{cpu_infer: 1}}, engine_args: {{step_s: 0.25}}}}
-        """)
+    path = slow_echo_job(tmp_path, "slow", rows=40, step_s=0.25, num_cpus=1, resources={"cpu_infer": 1})
     started = runner(cluster, "submit", str(path), "--no-wait")
     assert started.returncode == 0, started.stderr
     sid = started.stdout.split(" as ", 1)[1].split(";")[0]

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from runner.engines.base import Completion, Request
-from runner.errors import EngineError
+from runner.errors import EngineError, first_line
 from runner.spec import JobSpec, Sampling, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class VLLMEngine:
             # LLM_CLASS: the batch defaults of vllm.LLM (e.g. max_num_seqs 1024 on an H100), not a server's.
             engine = vllm.LLMEngine.from_engine_args(engine_args, usage_context=UsageContext.LLM_CLASS)
         except (ValueError, OSError) as e:
-            raise EngineError(f"{where}: vLLM could not start {pool.model} ({_one_line(e)})") from None
+            raise EngineError(f"{where}: vLLM could not start {pool.model} ({first_line(e)})") from None
         self = cls(engine, pool.chat_template)
         log.info("vllm %s: max_num_seqs %d, max_model_len %d, %d requests kept in flight", pool.model,
                  self.max_num_seqs, self.max_model_len, self.capacity)
@@ -132,7 +132,7 @@ class VLLMEngine:
                 # A seeded row gets a sampler of its own in vLLM; greedy rows need none.
                 seed=s.seed if s.temperature > 0 else None)
         except ValueError as e:
-            raise _RowError(f"bad_sampling: {_one_line(e)}") from None
+            raise _RowError(f"bad_sampling: {first_line(e)}") from None
         if len(self.params) >= 4096:
             self.params.clear()
         self.params[id(s)] = (s, params)  # the Sampling is held, so its id cannot be reused while cached
@@ -146,7 +146,7 @@ class VLLMEngine:
                                                       chat_template=self.chat_template)
         except Exception as e:  # a template is user code: any failure is this row's
             kind = "no_chat_template" if "chat_template" in str(e) and "not set" in str(e) else "chat_template_error"
-            raise _RowError(f"{kind}: {_one_line(e)}") from None
+            raise _RowError(f"{kind}: {first_line(e)}") from None
 
 
 class _RowError(Exception):
@@ -155,14 +155,9 @@ class _RowError(Exception):
 
 def _refusal(message: str) -> str:
     """vLLM's reason for refusing a request, as `kind: message`."""
-    text = _one_line(message)
+    text = first_line(message)
     if "maximum context length" in text or "maximum model length" in text:
         return f"prompt_too_long: {text}"
     if "cannot be empty" in text:
         return f"empty_prompt: {text}"
     return f"invalid_request: {text}"
-
-
-def _one_line(e: BaseException | str) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:500]
