@@ -192,6 +192,22 @@ def stop(submission_id: str, address: str | None) -> None:
     click.echo(f"submission {submission_id}: " + ("stop requested" if stopped else "was not running"))
 
 
+@main.command()
+@click.argument("target")
+def report(target: str) -> None:
+    """Write _report.html into a job's output location: TARGET is its job.yaml or the OUTPUT_PATH URL
+    (credentials from the environment, as fsspec finds them)."""
+    from runner.report import write_report
+    from runner.storage import Location
+
+    if os.path.isfile(target) and target.endswith((".yaml", ".yml")):
+        spec, _ = load_spec(target)
+        loc = Location.open(spec.output.path, spec.output.storage_options)
+    else:
+        loc = Location.open(target)
+    click.echo(write_report(loc))
+
+
 @main.command("make-tiny-model")
 @click.argument("path", type=click.Path(dir_okay=False))
 def make_tiny_model(path: str) -> None:

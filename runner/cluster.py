@@ -15,24 +15,43 @@ from runner.worker import Worker
 log = logging.getLogger(__name__)
 
 
-def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options) -> list[tuple[Unit, str]]:
-    """Process `units` on Ray until each is committed or given up; returns the given-up ones."""
+def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options,
+               failed_allowed: float | None = None) -> list[tuple[Unit, str]]:
+    """Process `units` on Ray until each is committed or given up; returns the given-up ones. Stops early,
+    leaving units unrun, once more than `failed_allowed` rows have failed."""
     import ray
+
+    from ray.job_config import JobConfig
 
     started_here = not ray.is_initialized()
     if started_here:
         # "local" always starts an embedded Ray, even where a `ray start` cluster runs on this machine.
+        # The job's name is its metadata, which the dashboard's Jobs page shows.
         ctx = ray.init(address=options.address or "local",
                        include_dashboard=options.dashboard if not options.address else None,
+                       job_config=JobConfig(metadata={"job_name": spec.name, "run_id": run_id}),
                        logging_level=logging.WARNING, log_to_driver=True)
-        if ctx.dashboard_url:
-            log.info("Ray dashboard: http://%s", ctx.dashboard_url)
+        announce(ctx)
     try:
         check_fits(spec, embedded=not options.address)
-        return Supervisor(spec, units, run_id).run(options.progress)
+        return Supervisor(spec, units, run_id, failed_allowed).run(options.progress)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def announce(ctx) -> None:
+    """Where to watch the job: the dashboard (which asks for the cluster's token when it has one) and the
+    Prometheus endpoint of this node's metrics agent."""
+    import os
+
+    if ctx.dashboard_url:
+        token = os.environ.get("RAY_AUTH_MODE", "token") == "token"
+        log.info("Ray dashboard: http://%s%s", ctx.dashboard_url,
+                 " (its token: `ray get-auth-token`)" if token else "")
+    port = ctx.address_info.get("metrics_export_port")
+    if port:
+        log.info("Ray metrics (Prometheus): http://%s:%s/metrics", ctx.address_info["node_ip_address"], port)
 
 
 def accelerator(pool: WorkerPool) -> dict[str, float]:
@@ -70,14 +89,15 @@ def check_fits(spec: JobSpec, embedded: bool) -> None:
 class Supervisor:
     """Keeps every pool's replicas running until the coordinator reports the queue finished."""
 
-    def __init__(self, spec: JobSpec, units: list[Unit], run_id: str):
+    def __init__(self, spec: JobSpec, units: list[Unit], run_id: str, failed_allowed: float | None = None):
         import ray
 
-        self.ray, self.spec, self.run_id = ray, spec, run_id
+        self.ray, self.spec, self.run_id, self.failed_allowed = ray, spec, run_id, failed_allowed
+        self.stopping = False
         # Named actors live in a namespace of their own run, so sequential or concurrent jobs never clash.
         self.namespace = f"runner-{spec.name}-{run_id}"
         self.coordinator = ray.remote(Coordinator).options(
-            num_cpus=0, name="coordinator", namespace=self.namespace).remote(units, spec.max_attempts)
+            num_cpus=0, name="coordinator", namespace=self.namespace).remote(units, spec.max_attempts, spec.name)
         self.live: dict = {}  # run() ref -> (pool index, replica, actor)
         self.groups: dict = {}  # (pool index, replica) -> placement group of a multi-GPU replica
         self.incarnations: dict[tuple[int, int], int] = {}
@@ -130,13 +150,24 @@ class Supervisor:
                     bar.update(progress)
                     if progress["finished"]:
                         break  # every unit is committed; a replica still waiting for a node is not needed
+                    if self._too_many_failed(progress):
+                        break
             progress = self.ray.get(self.coordinator.progress.remote())
             given_up = self.ray.get(self.coordinator.given_up.remote())
         finally:
             self.close()
-        if not progress["finished"]:
+        if not progress["finished"] and not self._too_many_failed(progress):
             raise JobFailedError(f"job {self.spec.name}: every worker was lost; last error: {progress['last_error']}")
         return given_up
+
+    def _too_many_failed(self, progress: dict) -> bool:
+        failed = progress.get("rows_failed", 0) + progress.get("rows_given_up", 0)
+        if self.failed_allowed is None or failed <= self.failed_allowed:
+            return False
+        if not self.stopping:
+            self.stopping = True
+            log.error("%d rows failed, more than max_failed_rows allows; stopping the job", failed)
+        return True
 
     def close(self) -> None:
         """Actors are ended explicitly: a job leaves nothing running on a long-lived cluster."""

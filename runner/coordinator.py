@@ -18,9 +18,15 @@ class Lease:
 
 
 class Coordinator:
-    """Runs as one Ray actor (no CPU reserved); every state change of a unit happens here."""
+    """Runs as one Ray actor (no CPU reserved); every state change of a unit happens here.
 
-    def __init__(self, units: list[Unit], max_attempts: int):
+    A unit on its second or later attempt runs alone: it goes only to a worker that holds nothing else,
+    and that worker gets nothing more until it is settled. A unit that kills its worker every time then
+    costs the units around it one attempt, not all of them.
+    With `job`, it publishes the job's Ray metrics (runner.metrics).
+    """
+
+    def __init__(self, units: list[Unit], max_attempts: int, job: str | None = None):
         self.by_id = {u.id: u for u in units}
         self.pending: deque[Unit] = deque(units)
         self.leases: dict[str, str] = {}  # unit id -> worker
@@ -30,22 +36,40 @@ class Coordinator:
         self.max_attempts = max_attempts
         self.totals: Counter = Counter()
         self.last_error: str | None = None
+        self.metrics = None
+        if job is not None:
+            from runner.metrics import JobMetrics
+
+            self.metrics = JobMetrics(job)
 
     def next_units(self, worker: str, count: int = 1) -> Lease:
         """Up to `count` units, consecutive in the plan, so a pool with large leases reads long runs of a file."""
+        held = [uid for uid, w in self.leases.items() if w == worker]
+        if any(self.attempts[uid] > 1 for uid in held):
+            return Lease("wait")  # it is running a retry, alone
         if self.pending:
-            units = tuple(self.pending.popleft() for _ in range(min(count, len(self.pending))))
+            if self.attempts[self.pending[0].id]:  # a retry: only for an idle worker, and only it
+                if held:
+                    return Lease("wait")
+                count = 1
+            units = []
+            while self.pending and len(units) < count and not self.attempts[self.pending[0].id]:
+                units.append(self.pending.popleft())
+            if not units:
+                units.append(self.pending.popleft())
             for unit in units:
                 self.leases[unit.id] = worker
                 self.attempts[unit.id] += 1
-            return Lease("units", units, tuple(self.attempts[u.id] for u in units))
+            return Lease("units", tuple(units), tuple(self.attempts[u.id] for u in units))
         return Lease("wait") if self.leases else Lease("done")
 
-    def complete(self, worker: str, unit_id: str, totals: dict) -> None:
+    def complete(self, worker: str, unit_id: str, totals: dict, pool: str = "") -> None:
         self.leases.pop(unit_id, None)
         if unit_id not in self.done:
             self.done.add(unit_id)
             self.totals.update(totals)
+            if self.metrics:
+                self.metrics.unit_committed(pool, totals)
 
     def fail(self, worker: str, unit_id: str, error: str) -> None:
         if self.leases.get(unit_id) == worker:
@@ -66,6 +90,9 @@ class Coordinator:
             return
         if self.attempts[unit_id] >= self.max_attempts:
             self.gave_up[unit_id] = error
+            self.totals["rows_given_up"] += self.by_id[unit_id].num_rows
+            if self.metrics:
+                self.metrics.unit_given_up(self.by_id[unit_id].num_rows)
         else:
             self.pending.appendleft(self.by_id[unit_id])
 
@@ -73,6 +100,8 @@ class Coordinator:
         return [(self.by_id[uid], err) for uid, err in sorted(self.gave_up.items())]
 
     def progress(self) -> dict:
+        if self.metrics:
+            self.metrics.queue(len(self.leases), len(self.pending), len(self.done))
         return {
             "units_total": len(self.by_id), "units_done": len(self.done), "units_given_up": len(self.gave_up),
             "units_in_flight": len(self.leases), "units_queued": len(self.pending),

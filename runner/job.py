@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from runner.engines.base import Completion
-from runner.errors import JobFailedError, ModelError
+from runner.errors import JobFailedError, ModelError, RunnerError
 from runner.lock import JobLock
 from runner.output import OutputStore, output_table, summarize, unit_stats
 from runner.plan import Plan, Unit, make_plan
+from runner.report import write_report
 from runner.spec import JobSpec
 from runner.storage import storage_errors
 from runner.worker import RowGroupReader
@@ -77,7 +78,10 @@ def _run_locked(spec: JobSpec, resolved_spec: dict, options: RunOptions, plan: P
     if todo:
         from runner.cluster import run_on_ray
 
-        given_up = run_on_ray(spec, todo, run_id, options)
+        allowed = failed_rows_allowed(spec, plan.total_rows)
+        if allowed is not None:  # what earlier runs' committed units already used up
+            allowed -= sum(m.rows_failed for m in store.markers() if m.unit_id in done)
+        given_up = run_on_ray(spec, todo, run_id, options, failed_allowed=allowed)
     for unit, error in given_up:
         write_failed_unit(spec, store, unit, error, run_id)
     return finish(spec, store, plan, run_id, started, skipped=len(plan.units) - len(todo))
@@ -119,20 +123,31 @@ def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: 
     ok = not missing and not failed_limit
     manifest["status"] = "succeeded" if ok else "failed"
     store.finish(manifest, ok)
+    try:
+        log.info("report: %s", write_report(store.loc, mine))
+    except RunnerError as e:  # the rows and the manifest are what count; a report can be written later
+        log.warning("no report written: %s (runner report %s writes it)", e, store.loc.url)
+    if failed_limit:
+        unrun = f"; stopped with {len(missing)} units not run" if missing else ""
+        raise JobFailedError(f"job {spec.name}: {failed_limit}{unrun}; failed rows by error: "
+                             f"{manifest.get('errors')}")
     if missing:
         raise JobFailedError(f"job {spec.name}: {len(missing)} units were not committed (first: {missing[0]})")
-    if failed_limit:
-        raise JobFailedError(f"job {spec.name}: {failed_limit}")
     return manifest
 
 
-def exceeds_failed_limit(spec: JobSpec, failed: int, total: int) -> str | None:
+def failed_rows_allowed(spec: JobSpec, total: int) -> float | None:
+    """max_failed_rows as a row count: a fraction below 1 is of all the job's rows."""
     limit = spec.max_failed_rows
     if limit is None:
         return None
-    allowed = limit * total if isinstance(limit, float) and limit < 1 else limit
-    if failed > allowed:
-        return f"{failed} of {total} rows failed, more than max_failed_rows ({limit})"
+    return limit * total if isinstance(limit, float) and limit < 1 else limit
+
+
+def exceeds_failed_limit(spec: JobSpec, failed: int, total: int) -> str | None:
+    allowed = failed_rows_allowed(spec, total)
+    if allowed is not None and failed > allowed:
+        return f"{failed} of {total} rows failed, more than max_failed_rows ({spec.max_failed_rows})"
     return None
 
 

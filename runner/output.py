@@ -136,11 +136,7 @@ class OutputStore:
         return {n.rsplit("/", 1)[-1].removesuffix(".json") for n in names if n.endswith(".json")}
 
     def markers(self) -> list[UnitStats]:
-        ids = sorted(self.committed_ids())
-        with storage_errors(f"output.path: {self.loc.url}: cannot read commit markers"), \
-                ThreadPoolExecutor(max_workers=16) as pool:
-            raw = list(pool.map(lambda i: self.loc.read_json(f"{COMMITS}/{i}.json"), ids))
-        return [UnitStats(**r) for r in raw]
+        return read_markers(self.loc)
 
     def job_record(self) -> dict | None:
         with storage_errors(f"output.path: {self.loc.url}"):
@@ -154,6 +150,14 @@ class OutputStore:
 
     def succeeded(self) -> bool:
         return self.loc.exists(SUCCESS)
+
+
+def read_markers(loc: Location) -> list[UnitStats]:
+    """Every commit marker under `loc`, in unit id order."""
+    with storage_errors(f"output.path: {loc.url}: cannot read commit markers"), \
+            ThreadPoolExecutor(max_workers=16) as pool:
+        names = [n for n in loc.list(COMMITS) if n.endswith(".json")]
+        return [UnitStats(**r) for r in pool.map(loc.read_json, names)]
 
 
 def summarize(markers: list[UnitStats], pools: list[str], run_id: str | None = None) -> dict:

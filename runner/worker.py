@@ -66,7 +66,11 @@ class UnitFeed:
         import ray
 
         while True:
-            lease = ray.get(self.coordinator.next_units.remote(self.worker, self.lease_units))
+            try:
+                lease = ray.get(self.coordinator.next_units.remote(self.worker, self.lease_units))
+            except ray.exceptions.RayActorError:  # the job is being stopped: no more units
+                self.ready.put(END)
+                return
             if lease.state == "done":
                 self.ready.put(END)
                 return
@@ -93,17 +97,17 @@ class Worker:
     def __init__(self, spec: JobSpec, pool_index: int, replica: int, coordinator, run_id: str):
         import ray
 
-        self.spec, self.coordinator, self.run_id = spec, coordinator, run_id
         self.pool_index, self.pool = pool_index, spec.pool_names()[pool_index]
-        self.node = ray.get_runtime_context().get_node_id()
         self.name = f"{self.pool}-{replica}"
+        self.spec, self.coordinator, self.run_id = spec, coordinator, run_id
+        self.node = ray.get_runtime_context().get_node_id()
         self.engine = create_engine(spec.workers[pool_index], spec)
         self.store = OutputStore(spec)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self.tokens = 0
 
-    def ready(self) -> str:
-        return self.name
+    def __repr__(self) -> str:  # Ray shows it in the dashboard and before each of this actor's log lines
+        return f"Worker({self.name})"
 
     def run(self) -> dict:
         """Work until the coordinator has nothing left; returns this worker's totals."""
@@ -135,7 +139,7 @@ class Worker:
         self.tokens += stats.completion_tokens
         totals = {"rows": stats.rows, "rows_ok": stats.rows_ok, "rows_failed": stats.rows_failed,
                   "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens}
-        self.coordinator.complete.remote(self.name, unit.id, totals)
+        self.coordinator.complete.remote(self.name, unit.id, totals, self.pool)
 
     def close(self) -> None:
         self.writer.shutdown(wait=True)

@@ -158,3 +158,64 @@ def test_status_of_neither_a_file_nor_a_submission_on_a_cluster(monkeypatch):
                                 "(or RAY_ADDRESS) for a submission id")
     r = CliRunner().invoke(main, ["stop", "runner-x-1234"])
     assert r.exit_code == 2 and "runner-x-1234: no Ray cluster to ask; give --address" in r.output
+
+
+def test_secrets_never_appear_in_logs_outputs_or_ray_session_files(s3_bucket, tmp_path):
+    """Everything a real `runner submit -v` of an S3 job wrote: its output and log, every object of the
+    output location, and every file of its Ray session (logs included)."""
+    import shutil
+    import tempfile
+
+    from conftest import S3_OPTIONS, S3_SECRET
+
+    bucket, fs = s3_bucket
+    write_shard(f"{bucket}/in/a.parquet", [f"row {i}" for i in range(12)], fs=fs)
+    job = write_job(tmp_path / "job.yaml", f"""
+        name: secret-job
+        input: {{path: "s3://{bucket}/in/", storage_options: {json.dumps(S3_OPTIONS)}}}
+        output: {{path: "s3://{bucket}/out/", storage_options: {json.dumps(S3_OPTIONS)}}}
+        unit_rows: 4
+        workers: [{{engine: echo, num_cpus: 0.5}}]
+        """)
+    ray_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    try:
+        run = subprocess.run([*RUNNER, "-v", "submit", str(job), "--no-dashboard"], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "RAY_TMPDIR": ray_dir})
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert S3_SECRET not in run.stdout + run.stderr
+        fs.invalidate_cache()
+        written = fs.find(f"{bucket}/out")
+        assert {"_job.json", "_manifest.json", "_report.html", "_SUCCESS"} <= {n.rsplit("/", 1)[-1] for n in written}
+        for name in written:
+            assert S3_SECRET.encode() not in fs.cat_file(name), name
+        assert "${TEST_S3_SECRET}" in fs.cat_file(f"{bucket}/out/_job.json").decode()  # the saved spec's reference
+        session_files = [p for p in Path(ray_dir).rglob("*") if p.is_file() and not p.is_symlink()]
+        assert any(p.suffix in (".out", ".err", ".log") for p in session_files)  # the logs were there to read
+        for p in session_files:
+            if p.stat().st_size < 50_000_000:
+                assert S3_SECRET.encode() not in p.read_bytes(), p
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_report_of_a_job_yaml_or_an_output_path(tmp_path):
+    (tmp_path / "in").mkdir()
+    write_shard(tmp_path / "in" / "a.parquet", ["a b c", "d e"] * 6)
+    job = write_job(tmp_path / "job.yaml", f"""
+        name: reported
+        input: {{path: {tmp_path / 'in'}}}
+        output: {{path: {tmp_path / 'out'}}}
+        unit_rows: 4
+        workers: [{{engine: echo, num_cpus: 0.5}}]
+        """)
+    assert subprocess.run([*RUNNER, "submit", str(job), "--no-dashboard", "--no-progress"], timeout=300).returncode == 0
+    report = tmp_path / "out" / "_report.html"
+    assert 'data-pool="echo0"' in report.read_text()  # written at the job's end
+    report.unlink()
+    for target in (str(job), str(tmp_path / "out")):
+        result = CliRunner().invoke(main, ["report", target])
+        assert result.exit_code == 0 and result.output.strip().endswith("_report.html"), result.output
+        assert "<h1>reported</h1>" in report.read_text()
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "empty")])
+    assert result.exit_code == 5 and result.output.count("\n") == 1 and "no runner job here" in result.output

@@ -22,10 +22,12 @@ def test_lost_worker_units_go_back_and_give_up_after_attempts():
     a = c.next_units("a")
     b = c.next_units("b")
     assert c.worker_lost("a", "killed") == [a.units[0].id]
-    again = c.next_units("b")
+    again = c.next_units("a2")
     assert again.units[0].id == a.units[0].id and again.attempts[0] == 2
-    c.worker_lost("b", "killed")  # second loss of a's unit: given up; b's first unit requeued
+    c.worker_lost("a2", "killed")  # second loss of a's unit: given up
     assert [u.id for u, _ in c.given_up()] == [a.units[0].id]
+    assert c.progress()["rows_given_up"] == 1
+    c.worker_lost("b", "killed")  # b's unit is requeued
     retry = c.next_units("c")
     assert retry.units[0].id == b.units[0].id and retry.attempts[0] == 2
     c.complete("c", b.units[0].id, {"rows": 1})
@@ -57,5 +59,25 @@ def test_a_lease_of_several_units_takes_consecutive_units_and_each_is_retried_al
     assert [u.row_start for u in small.units] == [3, 4]  # only what is left
     c.complete("gpu", big.units[0].id, {"rows": 1})
     assert sorted(c.worker_lost("gpu", "killed")) == [big.units[1].id, big.units[2].id]
-    again = c.next_units("cpu", 1)
-    assert again.units[0].id == big.units[1].id and again.attempts == (2,)
+    assert c.next_units("cpu", 1).state == "wait"  # cpu still holds units: retries go to an idle worker
+    again = c.next_units("gpu2", 3)
+    assert [u.id for u in again.units] == [big.units[1].id] and again.attempts == (2,)
+
+
+def test_a_retried_unit_runs_alone_so_a_poison_unit_costs_its_neighbours_one_attempt():
+    c = Coordinator(units(6), max_attempts=2)
+    first = c.next_units("a", 3)
+    c.next_units("b", 1)
+    c.worker_lost("a", "crashed")  # three units charged one attempt each; one of them is the poison
+    assert c.next_units("b", 3).state == "wait"  # b holds a unit: the retry waits for an idle worker
+    alone = c.next_units("a2", 3)
+    assert [u.id for u in alone.units] == [first.units[0].id] and alone.attempts == (2,)
+    assert c.next_units("a2", 3).state == "wait"  # nothing more until the retry is settled
+    c.complete("a2", first.units[0].id, {"rows": 1})
+    assert [u.id for u in c.next_units("a2", 3).units] == [first.units[1].id]
+    c.worker_lost("a2", "crashed")  # the poison again: given up, and nothing else was charged
+    assert [u.id for u, _ in c.given_up()] == [first.units[1].id]
+    assert c.next_units("a3", 3).units == (first.units[2],)
+    c.complete("a3", first.units[2].id, {"rows": 1})
+    fresh = c.next_units("a3", 3)
+    assert [u.row_start for u in fresh.units] == [4, 5] and fresh.attempts == (1, 1)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from runner.job import RunOptions, run_job
-from runner.spec import load_spec
+from runner.spec import load_spec, parse_spec
 
-from conftest import slow_echo_job
+from conftest import slow_echo_job, write_job, write_shard
 
 
 def worker_pids() -> list[int]:
@@ -49,3 +49,213 @@ def test_a_worker_killed_by_pid_has_its_units_redone_elsewhere(ray_local, tmp_pa
     assert sorted(ids) == list(range(rows))  # nothing lost, nothing twice
     markers = [json.loads(p.read_text()) for p in commits.iterdir()]
     assert any(m["attempt"] == 2 for m in markers)  # what the killed worker held was done again
+    print(f"rows in {rows}, out {len(ids)}; units redone: {sum(m['attempt'] == 2 for m in markers)}")
+
+
+def poison_job(tmp_path: Path, rows: int, poison_row: int, **over) -> Path:
+    """An echo job whose engine process dies, as on a native crash, on the row that says POISON."""
+    prompts = [f"row {i} is fine" for i in range(rows)]
+    prompts[poison_row] = "row POISON crashes the engine"
+    write_shard(tmp_path / "in.parquet", prompts)
+    worker = {"engine": "echo", "parallel": 4, "num_cpus": 0.5, "replicas": 2,
+              "engine_args": {"crash_on": "POISON", "step_s": 0.02}}
+    extra = "".join(f"{k}: {v}\n" for k, v in over.items())
+    return write_job(tmp_path / "job.yaml", f"""
+name: poison
+input: {{path: {tmp_path / 'in.parquet'}}}
+output: {{path: {tmp_path / 'out'}}}
+unit_rows: 4
+prefetch_units: 2
+max_attempts: 3
+workers: [{json.dumps(worker)}]
+{extra}""")
+
+
+def test_a_poison_unit_is_written_as_failed_after_its_attempts_and_the_rest_completes(ray_local, tmp_path):
+    rows, poison = 40, 17
+    spec, resolved = load_spec(poison_job(tmp_path, rows, poison))
+    manifest = run_job(spec, resolved, RunOptions(progress=False))
+
+    assert manifest["status"] == "succeeded" and manifest["units_committed"] == 10
+    out = pq.read_table(tmp_path / "out").to_pylist()
+    assert sorted(r["source_row"] for r in out) == list(range(rows))  # every row once
+    failed = sorted(r["source_row"] for r in out if r["error"])
+    assert failed == [16, 17, 18, 19]  # the poison row's unit, and no other
+    assert all(r["error"].startswith("unit_failed: after 3 attempts: worker echo0-") for r in out if r["error"])
+    assert all(r["text"] == f"row {r['source_row']} is fine" for r in out if not r["error"])
+    assert manifest["rows_failed"] == 4 and manifest["errors"] == {"unit_failed": 4}
+    markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_commits").iterdir()]
+    assert max(m["attempt"] for m in markers if m["rows_ok"]) == 2  # neighbours lost one attempt at most
+    error = next(r["error"] for r in out if r["source_row"] == poison)
+    print(f"rows in {rows}, out {len(out)}; failed {len(failed)}: {error[:90]}")
+
+
+def test_failed_rows_over_max_failed_rows_stop_the_job_with_one_line(ray_local, tmp_path):
+    from click.testing import CliRunner
+
+    from runner.cli import main
+
+    job = poison_job(tmp_path, 40, 5, max_failed_rows=2)
+    result = CliRunner().invoke(main, ["submit", str(job), "--no-progress"])
+    assert result.exit_code == 7, result.output
+    assert "error: job poison: 4 of 40 rows failed, more than max_failed_rows (2)" in result.output
+    assert "{'unit_failed': 4}" in result.output and "Traceback" not in result.output
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["status"] == "failed" and not (tmp_path / "out" / "_SUCCESS").exists()
+
+    job = poison_job(tmp_path, 40, 5, max_failed_rows=0.2)  # a fraction: 4 of 40 is within 8
+    result = CliRunner().invoke(main, ["submit", str(job), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["status"] == "succeeded"
+
+
+def marker_bytes(out: Path) -> dict[str, bytes]:
+    commits = out / "_commits"
+    return {p.name: p.read_bytes() for p in commits.iterdir() if p.suffix == ".json"} if commits.exists() else {}
+
+
+def test_the_driver_killed_again_and_again_then_resubmitted_redoes_no_committed_unit(tmp_path):
+    """SIGKILL `runner submit` at random points, three times in a row (its embedded Ray goes with it, as
+    when the machine dies); then submit again. Seeded, so a failure can be replayed."""
+    import random
+    import subprocess
+    import sys
+
+    rng = random.Random(int(os.environ.get("RUNNER_FAULT_SEED", "5")))
+    rows = 150
+    job = slow_echo_job(tmp_path, "killed", rows, step_s=0.08)
+    out = tmp_path / "out"
+    submit = [sys.executable, "-m", "runner.cli", "submit", str(job), "--no-dashboard", "--no-progress"]
+    seen: dict[str, bytes] = {}
+    kills_mid_job, at_kills = 0, []
+    for _ in range(3):
+        before = len(marker_bytes(out))
+        proc = subprocess.Popen(submit, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if rng.random() < 0.3:  # at any moment: planning, starting Ray, placing the workers ...
+            time.sleep(rng.uniform(0.2, 4.0))
+        else:  # ... or while units are being committed
+            target = before + rng.randint(1, 12)
+            deadline = time.time() + 120
+            while len(marker_bytes(out)) < target and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.02)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole embedded Ray at once
+        proc.wait()
+        deadline = time.time() + 60  # its worker processes notice their raylet is gone, and go too;
+        while worker_pids() and time.time() < deadline:  # until then they may still commit units
+            time.sleep(0.1)
+        now = marker_bytes(out)
+        assert len(now) < rows and not (out / "_SUCCESS").exists()
+        kills_mid_job += len(now) > before
+        at_kills.append(len(now))
+        for name, data in seen.items():
+            assert now[name] == data, f"{name} was committed before a kill and written again"
+        seen = now
+
+    assert kills_mid_job >= 1
+    done = subprocess.run(submit, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = marker_bytes(out)
+    assert all(final[name] == data for name, data in seen.items())  # nothing committed before was redone
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["units_skipped"] == len(seen) and manifest["units_this_run"] == rows - len(seen)
+    ids = pq.read_table(out, columns=["source_row"]).column("source_row").to_pylist()
+    assert sorted(ids) == list(range(rows))  # every row once
+    print(f"rows in {rows}, out {len(ids)}; units committed after each kill: {at_kills}")
+
+
+PROXY = r"""
+import socket, sys, threading
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+def pipe(a, b):
+    try:
+        while data := a.recv(65536):
+            b.sendall(data)
+    except OSError:
+        pass
+    for s in (a, b):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+while True:
+    client, _ = server.accept()
+    upstream = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+    threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+    threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+"""
+
+
+class Endpoint:
+    """The S3 endpoint the job talks to: a port on 127.0.0.1 forwarded to moto. Stopping it (SIGKILL) leaves
+    nothing listening and cuts every open connection; the objects behind it stay, as S3's do in an outage
+    (moto holds them in memory, so restarting moto itself would lose the bucket)."""
+
+    def __init__(self, port: int, target: str):
+        self.port, self.target = port, target.rsplit(":", 1)[1]
+        self.proc = None
+
+    def start(self) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", PROXY, str(self.port), self.target])
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("the endpoint did not come up")
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_the_s3_endpoint_down_for_30s_mid_job_is_ridden_out(ray_local, s3_server, s3_bucket, monkeypatch):
+    from conftest import S3_OPTIONS, free_port
+
+    bucket, fs = s3_bucket
+    rows, outage_s = 40, 30
+    endpoint = Endpoint(free_port(), s3_server)
+    endpoint.start()
+    monkeypatch.setenv("TEST_S3_ENDPOINT", f"http://127.0.0.1:{endpoint.port}")  # the job's way to S3
+    write_shard(f"{bucket}/in/a.parquet", [f"row {i} has a few words" for i in range(rows)], fs=fs)
+    worker = {"engine": "echo", "parallel": 1, "num_cpus": 0.5, "replicas": 2, "engine_args": {"step_s": 0.1}}
+    spec, resolved = parse_spec({
+        "name": "outage", "unit_rows": 1, "prefetch_units": 2, "workers": [worker],
+        "input": {"path": f"s3://{bucket}/in/", "storage_options": S3_OPTIONS},
+        "output": {"path": f"s3://{bucket}/out/", "storage_options": S3_OPTIONS}}, env=dict(os.environ))
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(run_job(spec, resolved, RunOptions(progress=False))))
+    started = time.time()
+    runner.start()
+
+    def committed() -> int:  # read from moto directly, not through the endpoint
+        fs.invalidate_cache()
+        return len(fs.find(f"{bucket}/out/_commits"))
+
+    try:
+        deadline = time.time() + 120
+        while committed() < 4 and time.time() < deadline:
+            time.sleep(0.1)
+        endpoint.stop()
+        at_stop = committed()
+        time.sleep(outage_s)
+        at_restart = committed()
+        endpoint.start()  # the same port
+        runner.join(timeout=300)
+    finally:
+        endpoint.stop()
+
+    assert 4 <= at_stop < rows and at_restart == at_stop  # the job was mid-way and stalled, not done
+    assert result["status"] == "succeeded" and result["units_committed"] == rows
+    assert time.time() - started > outage_s
+    ids = pq.read_table(f"{bucket}/out", filesystem=fs, columns=["source_row"]).column("source_row").to_pylist()
+    assert sorted(ids) == list(range(rows))  # every row once
+    assert result["units_this_run"] == rows
+    print(f"rows in {rows}, out {len(ids)}; {at_stop} units committed when the endpoint went away, "
+          f"job took {time.time() - started:.1f}s")

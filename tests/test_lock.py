@@ -45,16 +45,16 @@ def test_the_heartbeat_keeps_the_lock_fresh(location):
         assert location.read_json(LOCK)["heartbeat"] > first
 
 
-@pytest.mark.parametrize("held, why", [
-    ({"host": "another-host", "pid": 1, "heartbeat": time.time() - 3600}, "no heartbeat for"),
-    ({"host": socket.gethostname(), "heartbeat": time.time()}, "is gone"),  # pid filled in below
+@pytest.mark.parametrize("held, age, why", [
+    ({"host": "another-host", "pid": 1}, 3600, "no heartbeat for"),
+    ({"host": socket.gethostname()}, 0, "is gone"),  # pid filled in below
 ])
-def test_a_dead_drivers_lock_is_taken_over(location, held, why, caplog):
+def test_a_dead_drivers_lock_is_taken_over(location, held, age, why, caplog):
     if "pid" not in held:
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
         held = {**held, "pid": gone.pid}
-    location.write_json(LOCK, {"job": "j", "run_id": "dead", **held})
+    location.write_json(LOCK, {"job": "j", "run_id": "dead", "heartbeat": time.time() - age, **held})
     with JobLock(location, "j", "run-b"):
         assert location.read_json(LOCK)["run_id"] == "run-b"
     assert why in caplog.text and "taking over the lock of run dead" in caplog.text

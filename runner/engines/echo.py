@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 
@@ -12,17 +13,20 @@ from runner.spec import JobSpec, WorkerPool
 class EchoEngine:
     """Generates the prompt's own words (a chat row's last message), one word a token, `capacity` rows a step.
 
-    engine_args: `step_s` sleeps that long each step (to model a slow engine).
+    engine_args: `step_s` sleeps that long each step (to model a slow engine); `crash_on` ends the whole
+    process, as a native crash would, when a prompt contains that text (a poison row).
     """
 
-    def __init__(self, capacity: int = 8, step_s: float = 0.0):
+    def __init__(self, capacity: int = 8, step_s: float = 0.0, crash_on: str | None = None):
         self.capacity = capacity
         self.step_s = step_s
+        self.crash_on = crash_on
         self.queue: deque[Request] = deque()
 
     @classmethod
     def from_pool(cls, pool: WorkerPool, spec: JobSpec) -> "EchoEngine":
-        return cls(capacity=pool.parallel, step_s=float(pool.engine_args.get("step_s", 0.0)))
+        args = pool.engine_args
+        return cls(capacity=pool.parallel, step_s=float(args.get("step_s", 0.0)), crash_on=args.get("crash_on"))
 
     def add(self, request: Request) -> None:
         self.queue.append(request)
@@ -39,6 +43,8 @@ class EchoEngine:
         done = []
         for _ in range(min(self.capacity, len(self.queue))):
             r = self.queue.popleft()
+            if self.crash_on and r.prompt and self.crash_on in r.prompt:
+                os._exit(70)  # no exception, no cleanup: what a segfault in a native engine looks like
             words = (r.prompt if r.messages is None else r.messages[-1]["content"]).split()
             out = words[: r.sampling.max_tokens]
             reason = "length" if len(words) > r.sampling.max_tokens else "stop"

@@ -1,0 +1,58 @@
+"""Live job metrics through `ray.util.metrics`. Ray's metrics agent on each node serves them to
+Prometheus as `ray_runner_*` (the Ray dashboard's Metrics view graphs them with Grafana)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+WINDOW_S = 30.0  # tokens/s per pool is over this much recent time
+
+
+class JobMetrics:
+    """Owned by the coordinator, which sees every committed unit and the whole queue."""
+
+    def __init__(self, job: str):
+        from ray.util.metrics import Counter, Gauge
+
+        self.job = job
+        by_pool = ("job", "pool")
+        self.rows_done = Counter("runner_rows_done", "Rows committed, ok or failed.", tag_keys=by_pool)
+        self.rows_failed = Counter("runner_rows_failed", "Rows committed with an error.", tag_keys=by_pool)
+        self.prompt_tokens = Counter("runner_prompt_tokens", "Prompt tokens of committed rows.", tag_keys=by_pool)
+        self.generated_tokens = Counter("runner_generated_tokens", "Generated tokens of committed rows.",
+                                        tag_keys=by_pool)
+        self.tokens_per_s = Gauge("runner_tokens_per_s", f"Generated tokens/s over the last {WINDOW_S:.0f} s.",
+                                  tag_keys=by_pool)
+        self.in_flight = Gauge("runner_units_in_flight", "Units leased to workers.", tag_keys=("job",))
+        self.queued = Gauge("runner_queue_depth", "Units waiting for a worker.", tag_keys=("job",))
+        self.done = Gauge("runner_units_done", "Units committed in this run.", tag_keys=("job",))
+        self.recent: dict[str, deque[tuple[float, int]]] = {}
+        self.started = time.time()
+
+    def unit_committed(self, pool: str, totals: dict) -> None:
+        tags = {"job": self.job, "pool": pool}
+        self.rows_done.inc(totals.get("rows", 0), tags=tags)
+        if totals.get("rows_failed"):
+            self.rows_failed.inc(totals["rows_failed"], tags=tags)
+        self.prompt_tokens.inc(totals.get("prompt_tokens", 0), tags=tags)
+        self.generated_tokens.inc(totals.get("completion_tokens", 0), tags=tags)
+        self.recent.setdefault(pool, deque()).append((time.time(), totals.get("completion_tokens", 0)))
+
+    def unit_given_up(self, rows: int) -> None:
+        """Its rows are written as failed by the driver at the end; they count from now."""
+        tags = {"job": self.job, "pool": "-"}
+        self.rows_done.inc(rows, tags=tags)
+        self.rows_failed.inc(rows, tags=tags)
+
+    def queue(self, in_flight: int, queued: int, done: int) -> None:
+        tags = {"job": self.job}
+        self.in_flight.set(in_flight, tags=tags)
+        self.queued.set(queued, tags=tags)
+        self.done.set(done, tags=tags)
+        now = time.time()
+        span = max(min(WINDOW_S, now - self.started), 1e-3)
+        for pool, recent in self.recent.items():
+            while recent and recent[0][0] < now - WINDOW_S:
+                recent.popleft()
+            self.tokens_per_s.set(sum(t for _, t in recent) / span, tags={"job": self.job, "pool": pool})
