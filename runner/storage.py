@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import posixpath
 import uuid
 from contextlib import contextmanager
@@ -16,7 +17,9 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
-from runner.errors import RunnerError, StorageError
+from runner.errors import RunnerError, StorageError, first_line
+
+log = logging.getLogger(__name__)
 
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
 
@@ -28,11 +31,18 @@ def _transient(e: BaseException) -> bool:
     return isinstance(e, (OSError, ConnectionError, TimeoutError)) or "botocore" in type(e).__module__
 
 
+def _say_retrying(state) -> None:
+    """One warning per retry, so a stalled job says why: the call, the error, the wait."""
+    log.warning("storage: %s failed (%s); retrying in %.1fs", getattr(state.fn, "__qualname__", "call"),
+                first_line(state.outcome.exception(), 200), state.upcoming_sleep)
+
+
 # Long enough to ride out an object store that is away for a minute or two.
 retrying = retry(
     retry=retry_if_exception(_transient),
     wait=wait_exponential(multiplier=0.25, max=8),
     stop=stop_after_delay(180),
+    before_sleep=_say_retrying,
     reraise=True,
 )
 

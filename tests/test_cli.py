@@ -183,6 +183,7 @@ def test_secrets_never_appear_in_logs_outputs_or_ray_session_files(s3_bucket, tm
                              text=True, timeout=300, env={**os.environ, "RAY_TMPDIR": ray_dir})
         assert run.returncode == 0, run.stderr[-3000:]
         assert S3_SECRET not in run.stdout + run.stderr
+        assert "━" not in run.stderr  # not a terminal: no progress bar
         fs.invalidate_cache()
         written = fs.find(f"{bucket}/out")
         assert {"_job.json", "_manifest.json", "_report.html", "_SUCCESS"} <= {n.rsplit("/", 1)[-1] for n in written}
