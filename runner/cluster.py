@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -43,8 +44,6 @@ def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options,
 def announce(ctx) -> None:
     """Where to watch the job: the dashboard (which asks for the cluster's token when it has one) and the
     Prometheus endpoint of this node's metrics agent."""
-    import os
-
     if ctx.dashboard_url:
         token = os.environ.get("RAY_AUTH_MODE", "token") == "token"
         log.info("Ray dashboard: http://%s%s", ctx.dashboard_url,

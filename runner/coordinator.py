@@ -48,15 +48,14 @@ class Coordinator:
         if any(self.attempts[uid] > 1 for uid in held):
             return Lease("wait")  # it is running a retry, alone
         if self.pending:
-            if self.attempts[self.pending[0].id]:  # a retry: only for an idle worker, and only it
+            if self.attempts[self.pending[0].id]:  # a retry: alone, and only on an idle worker
                 if held:
                     return Lease("wait")
-                count = 1
-            units = []
-            while self.pending and len(units) < count and not self.attempts[self.pending[0].id]:
-                units.append(self.pending.popleft())
-            if not units:
-                units.append(self.pending.popleft())
+                units = [self.pending.popleft()]
+            else:  # fresh units, up to the next retry
+                units = []
+                while self.pending and len(units) < count and not self.attempts[self.pending[0].id]:
+                    units.append(self.pending.popleft())
             for unit in units:
                 self.leases[unit.id] = worker
                 self.attempts[unit.id] += 1
