@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -101,6 +102,7 @@ class Worker:
         self.name = f"{self.pool}-{replica}"
         self.spec, self.coordinator, self.run_id = spec, coordinator, run_id
         self.node = ray.get_runtime_context().get_node_id()
+        threading.Thread(target=_exit_with_raylet, args=(os.getppid(), self.name), daemon=True).start()
         self.engine = create_engine(spec.workers[pool_index], spec)
         self.store = OutputStore(spec)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
@@ -144,3 +146,13 @@ class Worker:
     def close(self) -> None:
         self.writer.shutdown(wait=True)
         self.engine.close()
+
+
+def _exit_with_raylet(raylet_pid: int, name: str) -> None:
+    """A worker process outlives its raylet when the node's Ray is killed (a driver's embedded Ray dying with
+    it): it would hold its engine's memory, and might still commit units, forever. Ray starts each worker
+    from its raylet, so a changed parent means the raylet is gone; the worker follows it."""
+    while os.getppid() == raylet_pid:
+        time.sleep(1.0)
+    log.error("%s: its raylet (pid %d) is gone; exiting", name, raylet_pid)
+    os._exit(1)
