@@ -100,7 +100,7 @@ class Coordinator:
 
     def progress(self) -> dict:
         if self.metrics:
-            self.metrics.queue(len(self.leases), len(self.pending), len(self.done))
+            self.metrics.refresh(len(self.leases), len(self.pending), len(self.done))
         return {
             "units_total": len(self.by_id), "units_done": len(self.done), "units_given_up": len(self.gave_up),
             "units_in_flight": len(self.leases), "units_queued": len(self.pending),

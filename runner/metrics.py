@@ -45,7 +45,8 @@ class JobMetrics:
         self.rows_done.inc(rows, tags=tags)
         self.rows_failed.inc(rows, tags=tags)
 
-    def queue(self, in_flight: int, queued: int, done: int) -> None:
+    def refresh(self, in_flight: int, queued: int, done: int) -> None:
+        """The gauges, from the queue's state now and the last WINDOW_S of commits."""
         tags = {"job": self.job}
         self.in_flight.set(in_flight, tags=tags)
         self.queued.set(queued, tags=tags)

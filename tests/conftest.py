@@ -88,16 +88,14 @@ def write_job(path: Path, body: str) -> Path:
     return path
 
 
-def slow_echo_job(tmp_path: Path, name: str, rows: int, step_s: float, **pool) -> Path:
+def slow_echo_job(tmp_path: Path, name: str, rows: int, step_s: float, prompts: list | None = None,
+                  job: dict | None = None, **pool) -> Path:
     """A job.yaml over `rows` one-row units of the echo engine, each step taking `step_s`: a job that
-    runs long enough to be stopped, killed or submitted twice while it works."""
-    write_shard(tmp_path / "in.parquet", [f"row {i} has a few words" for i in range(rows)])
-    worker = {"engine": "echo", "parallel": 1, "engine_args": {"step_s": step_s}, **pool}
-    return write_job(tmp_path / "job.yaml", f"""
-        name: {name}
-        input: {{path: {tmp_path / 'in.parquet'}}}
-        output: {{path: {tmp_path / 'out'}}}
-        unit_rows: 1
-        prefetch_units: 2
-        workers: [{json.dumps(worker)}]
-        """)
+    runs long enough to be stopped, killed or submitted twice while it works. `job` overrides top-level
+    keys, `pool` the worker pool's (its engine_args are added to step_s)."""
+    write_shard(tmp_path / "in.parquet", prompts or [f"row {i} has a few words" for i in range(rows)])
+    worker = {"engine": "echo", "parallel": 1, **pool,
+              "engine_args": {"step_s": step_s, **pool.get("engine_args", {})}}
+    top = {"name": name, "input": {"path": str(tmp_path / "in.parquet")}, "output": {"path": str(tmp_path / "out")},
+           "unit_rows": 1, "prefetch_units": 2, **(job or {}), "workers": [worker]}
+    return write_job(tmp_path / "job.yaml", "".join(f"{k}: {json.dumps(v)}\n" for k, v in top.items()))

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from runner.job import RunOptions, run_job
 from runner.spec import load_spec, parse_spec
 
-from conftest import slow_echo_job, write_job, write_shard
+from conftest import slow_echo_job, write_shard
 
 
 def worker_pids() -> list[int]:
@@ -55,23 +55,13 @@ def test_a_worker_killed_by_pid_has_its_units_redone_elsewhere(ray_local, tmp_pa
     print(f"rows in {rows}, out {len(ids)}; units redone: {sum(m['attempt'] == 2 for m in markers)}")
 
 
-def poison_job(tmp_path: Path, rows: int, poison_row: int, **over) -> Path:
+def poison_job(tmp_path: Path, rows: int, poison_row: int, **job) -> Path:
     """An echo job whose engine process dies, as on a native crash, on the row that says POISON."""
     prompts = [f"row {i} is fine" for i in range(rows)]
     prompts[poison_row] = "row POISON crashes the engine"
-    write_shard(tmp_path / "in.parquet", prompts)
-    worker = {"engine": "echo", "parallel": 4, "num_cpus": 0.5, "replicas": 2,
-              "engine_args": {"crash_on": "POISON", "step_s": 0.02}}
-    extra = "".join(f"{k}: {v}\n" for k, v in over.items())
-    return write_job(tmp_path / "job.yaml", f"""
-name: poison
-input: {{path: {tmp_path / 'in.parquet'}}}
-output: {{path: {tmp_path / 'out'}}}
-unit_rows: 4
-prefetch_units: 2
-max_attempts: 3
-workers: [{json.dumps(worker)}]
-{extra}""")
+    return slow_echo_job(tmp_path, "poison", rows, step_s=0.02, prompts=prompts,
+                         job={"unit_rows": 4, "max_attempts": 3, **job}, parallel=4, num_cpus=0.5, replicas=2,
+                         engine_args={"crash_on": "POISON"})
 
 
 def test_a_poison_unit_is_written_as_failed_after_its_attempts_and_the_rest_completes(ray_local, tmp_path):
