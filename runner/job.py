@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from runner.engines.base import Completion
-from runner.errors import JobFailedError, ModelError, RunnerError
+from runner.errors import JobFailedError, RunnerError
 from runner.lock import JobLock
 from runner.output import OutputStore, output_table, summarize, unit_stats
 from runner.plan import Plan, Unit, make_plan
@@ -39,22 +39,9 @@ def validate(spec: JobSpec) -> Plan:
 
 
 def check_models(spec: JobSpec) -> None:
-    from fsspec.core import url_to_fs
-
+    """Each pool's own checks: its model files, its engine settings against the installed engine."""
     for i, pool in enumerate(spec.workers):
-        if pool.engine != "llamacpp":
-            continue
-        key = f"workers[{i}].model"
-        try:
-            fs, path = url_to_fs(pool.model, **pool.model_storage_options)
-            with fs.open(path, "rb") as f:
-                magic = f.read(4)
-        except FileNotFoundError:
-            raise ModelError(f"{key}: {pool.model} does not exist") from None
-        except (OSError, ValueError) as e:
-            raise ModelError(f"{key}: cannot read {pool.model} ({e})") from None
-        if magic != b"GGUF":
-            raise ModelError(f"{key}: {pool.model} is not a GGUF file")
+        pool.check(f"workers[{i}]")
 
 
 def run_job(spec: JobSpec, resolved_spec: dict, options: RunOptions = RunOptions()) -> dict:

@@ -7,29 +7,21 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runner.errors import SpecError
+from runner.pools import POOLS, EchoPool, LlamaCppPool, VLLMPool
+from runner.storage import PathOrUrl
 
 SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key|credential|session)", re.I)
-LLAMA_MAX_SEQ = 256  # llama.cpp's compile-time limit on sequences in one context
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def absolute_local(url: str | None) -> str | None:
-    """A relative local path is taken from the current directory and made absolute, so every Ray
-    worker reads the same file whatever its own working directory; URLs pass unchanged."""
-    if url is None or "://" in url:
-        return url
-    trailing = "/" if url.endswith("/") else ""
-    return os.path.abspath(os.path.expanduser(url)) + trailing
 
 
 class Sampling(_Model):
@@ -46,8 +38,12 @@ class Sampling(_Model):
     seed: int = Field(0, ge=0, description="Seed of the row's sampler; same seed, same text.")
     stop: list[str] = Field(default_factory=list, description="Strings that end a row; never part of `text`.")
 
-
-PathOrUrl = Annotated[str, AfterValidator(absolute_local)]
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v: list[str]) -> list[str]:
+        if "" in v:
+            raise ValueError("an empty string would end every row at once")
+        return v
 
 
 class InputSpec(_Model):
@@ -88,123 +84,7 @@ class OutputSpec(_Model):
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for output.path.")
 
 
-LLAMACPP_ONLY = ("parallel", "n_ctx", "n_threads", "n_batch", "flash_attn", "kv_unified", "prefix_reuse",
-                 "prefix_min_tokens")
-VLLM_SETTING_FOR = {"parallel": "engine_args.max_num_seqs", "n_ctx": "engine_args.max_model_len"}
-# vLLM engine_args that change what a row's text is; resume refuses when one of them changes.
-VLLM_OUTPUT_ARGS = ("max_model_len", "dtype", "quantization", "revision", "tokenizer", "tokenizer_revision")
-
-
-class WorkerPool(_Model):
-    """A pool of identical Ray actors, each wrapping one engine."""
-
-    engine: Literal["llamacpp", "vllm", "echo"] = Field(description="Engine every replica runs.")
-    name: str | None = Field(None, description="Pool name in logs, actor names and the manifest.")
-    model: str | None = Field(
-        None, description="llamacpp: a GGUF file, a path or any fsspec URL, fetched once per node. vllm: a Hugging "
-                          "Face id or a model directory, loaded by vLLM as usual.")
-    model_storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for model.")
-    replicas: int = Field(1, ge=1, description="Actors in the pool.")
-    num_cpus: float = Field(1, ge=0, description="CPUs each actor reserves; llama.cpp uses as many threads.")
-    num_gpus: float = Field(
-        0, ge=0, description="GPUs each actor reserves; vllm: default tensor_parallel_size x pipeline_parallel_size.")
-    resources: dict[str, float] = Field(
-        default_factory=dict, description="Custom Ray resources each actor needs, e.g. {cpu_infer: 1}: pins the "
-                                          "pool to the node types that advertise them.")
-    accelerator_type: str | None = Field(
-        None, description="Ray accelerator type each replica's node must have, e.g. H100, A10G, L4.")
-    unit_rows: int | None = Field(
-        None, ge=1, description="Rows a replica takes from the queue at once, a multiple of the job's unit_rows "
-                                "(which stays the checkpoint unit); default: the job's unit_rows.")
-    n_ctx: int = Field(2048, ge=16, description="Context length of one sequence (llamacpp).")
-    parallel: int = Field(8, ge=1, description="Sequences decoded together.")
-    n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default num_cpus.")
-    n_batch: int = Field(512, ge=1, description="Most tokens in one llama.cpp decode call.")
-    flash_attn: bool = Field(False, description="llama.cpp flash attention (off keeps batched = single outputs).")
-    kv_unified: bool = Field(False, description="One KV buffer shared by all sequences (llamacpp).")
-    prefix_reuse: bool = Field(
-        True, description="Compute a token prefix shared by queued prompts once and copy its KV to each (llamacpp).")
-    prefix_min_tokens: int = Field(32, ge=1, description="Shortest shared prefix worth reusing.")
-    chat_template: str | None = Field(
-        None, description="Jinja chat template for messages_column; default: the one in the GGUF metadata.")
-    engine_args: dict[str, Any] = Field(
-        default_factory=dict, description="Engine settings passed through; vllm: vLLM's EngineArgs unchanged "
-                                          "(tensor_parallel_size, max_num_seqs, gpu_memory_utilization, ...).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _engine_defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        vllm = data.get("engine") == "vllm"
-        model = data.get("model")
-        if isinstance(model, str) and (not vllm or model.startswith(("/", "./", "../", "~"))):
-            data["model"] = absolute_local(model)  # a vLLM model not given as a path is a Hugging Face id
-        args = data.get("engine_args", {})
-        if vllm and "num_gpus" not in data and isinstance(args, dict):
-            sizes = [args.get(k, 1) for k in ("tensor_parallel_size", "pipeline_parallel_size")]
-            if all(isinstance(n, int) for n in sizes):
-                data["num_gpus"] = sizes[0] * sizes[1]
-        return data
-
-    @model_validator(mode="after")
-    def _needs_model(self) -> "WorkerPool":
-        if self.engine in ("llamacpp", "vllm") and not self.model:
-            raise ValueError(f"engine {self.engine!r} needs a model")
-        if self.engine == "vllm":
-            return self._check_vllm()
-        if self.engine == "llamacpp" and self.parallel + self.prefix_reuse > LLAMA_MAX_SEQ:
-            raise ValueError(f"parallel: llama.cpp holds at most {LLAMA_MAX_SEQ} sequences, one of them the "
-                             f"shared prefix when prefix_reuse is on; got {self.parallel}")
-        return self
-
-    def _check_vllm(self) -> "WorkerPool":
-        for key in LLAMACPP_ONLY:
-            if key in self.model_fields_set:
-                instead = VLLM_SETTING_FOR.get(key)
-                raise ValueError(f"{key} is a llamacpp setting" + (f"; for vllm set {instead}" if instead else ""))
-        gpus = self.gpus_per_replica
-        if gpus > 1 and self.num_gpus != gpus:
-            raise ValueError(f"num_gpus: vLLM with tensor x pipeline parallel size {gpus} needs {gpus} GPUs, "
-                             f"got {self.num_gpus:g}")
-        return self
-
-    @property
-    def gpus_per_replica(self) -> int:
-        """GPUs one vLLM replica spans: tensor x pipeline parallel size (1 for other engines)."""
-        if self.engine != "vllm":
-            return 1
-        args = self.engine_args
-        return int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
-
-    @field_validator("engine_args")
-    @classmethod
-    def _parallel_sizes(cls, v: dict) -> dict:
-        for key in ("tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs"):
-            if key in v and (not isinstance(v[key], int) or isinstance(v[key], bool) or v[key] < 1):
-                raise ValueError(f"{key}: expected an integer >= 1, got {json.dumps(v[key], default=str)}")
-        return v
-
-    def output_settings(self) -> tuple:
-        """What in this pool changes a row's text: part of the job's fingerprint."""
-        if self.engine == "vllm":
-            args = {k: self.engine_args[k] for k in VLLM_OUTPUT_ARGS if k in self.engine_args}
-            return (self.engine, self.model or "", json.dumps(args, sort_keys=True), self.chat_template or "")
-        return (self.engine, self.model or "", self.n_ctx, self.chat_template or "")
-
-    @field_validator("chat_template")
-    @classmethod
-    def _template_compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            from jinja2 import TemplateSyntaxError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            try:
-                ImmutableSandboxedEnvironment().parse(v)
-            except TemplateSyntaxError as e:
-                raise ValueError(f"not a valid Jinja template (line {e.lineno}: {e.message})") from None
-        return v
+WorkerPool = Annotated[Union[LlamaCppPool, VLLMPool, EchoPool], Field(discriminator="engine")]
 
 
 class JobSpec(_Model):
@@ -223,11 +103,16 @@ class JobSpec(_Model):
     prefetch_units: int = Field(1, ge=0, description="Units a worker reads ahead while it decodes.")
 
     @model_validator(mode="after")
-    def _pool_units(self) -> "JobSpec":
+    def _pools(self) -> "JobSpec":
         for i, pool in enumerate(self.workers):
             if pool.unit_rows is not None and pool.unit_rows % self.unit_rows:
                 raise ValueError(f"workers[{i}].unit_rows: expected a multiple of the job's unit_rows "
                                  f"({self.unit_rows}), got {pool.unit_rows}")
+        names = self.pool_names()
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"workers[{i}].name: pool name {name!r} is already used by "
+                                 f"workers[{names.index(name)}]; each pool needs its own")
         return self
 
     def units_per_lease(self, pool_index: int) -> int:
@@ -345,6 +230,8 @@ _EXPECTED = {
     "model_type": "expected a mapping",
     "missing": "required key is missing",
     "extra_forbidden": "unknown key",
+    "union_tag_not_found": f"required key is missing (one of {', '.join(POOLS)})",
+    "union_tag_invalid": f"expected one of {', '.join(POOLS)}",
 }
 
 
@@ -356,8 +243,13 @@ def describe_error(e: ValidationError, secret_paths: set = frozenset()) -> str:
     """The first validation error as one line: `key.path[0]: expected ..., got ...`."""
     err = e.errors()[0]
     # Unions name their branch, and model validators their function, in the location: not keys.
-    loc = tuple(p for p in err["loc"]
-                if not (isinstance(p, str) and (p in {"int", "float", "none"} or p.startswith("function-"))))
+    loc = tuple(p for i, p in enumerate(err["loc"])
+                if not (isinstance(p, str) and (p in {"int", "float", "none"} or p.startswith("function-")
+                                                or (p in POOLS and i and isinstance(err["loc"][i - 1], int)))))
+    if err["type"] == "union_tag_invalid":  # the union names the pool, not the key
+        loc, err = loc + ("engine",), {**err, "input": err["ctx"]["tag"]}
+    elif err["type"] == "union_tag_not_found":
+        loc = loc + ("engine",)
     msg = _EXPECTED.get(err["type"]) or err["msg"].removeprefix("Value error, ")
     bound = _BOUNDS.get(err["type"])
     if bound:

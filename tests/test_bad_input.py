@@ -142,7 +142,7 @@ CASES = [
     ("not YAML", _not_yaml, 2, "{t}/job.yaml: line 2 not valid YAML"),
     ("value out of range", _bad_value, 2, "max_failed_rows: expected a count >= 0 or a fraction below 1, got -3"),
     ("llama.cpp setting on a vLLM pool", _vllm_setting_on_llamacpp_key, 2,
-     "workers[0]: parallel is a llamacpp setting; for vllm set engine_args.max_num_seqs"),
+     "workers[0]: n_ctx is a llamacpp setting; for vllm set engine_args.max_model_len"),
 ]
 
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from runner.job import RunOptions, run_job
 from runner.spec import load_spec, parse_spec
 
-from conftest import slow_echo_job, write_shard
+from conftest import slow_echo_job, vllm_pool, write_shard
 
 
 def worker_pids() -> list[int]:
@@ -29,18 +29,26 @@ def worker_pids() -> list[int]:
     return pids
 
 
-def test_a_worker_killed_by_pid_has_its_units_redone_elsewhere(ray_local, tmp_path):
-    rows = 40
-    spec, resolved = load_spec(slow_echo_job(tmp_path, "faults", rows, step_s=0.1, replicas=2, num_cpus=0.5))
+def run_until_commits(spec, resolved, out: Path, commits: int, timeout: float = 120):
+    """Start the job on a thread; once `commits` units are committed, return the thread, the dict that gets
+    its manifest, the pids of this job's worker processes and the units committed so far."""
     result: dict = {}
     others = set(worker_pids())  # not this job's
     runner = threading.Thread(target=lambda: result.update(run_job(spec, resolved, RunOptions(progress=False))))
     runner.start()
-    commits = tmp_path / "out" / "_commits"
-    deadline = time.time() + 120
-    while (not commits.exists() or len(list(commits.iterdir())) < 4) and time.time() < deadline:
+    markers = out / "_commits"
+    deadline = time.time() + timeout
+    while (not markers.exists() or len(list(markers.iterdir())) < commits) and time.time() < deadline:
         time.sleep(0.05)
     victims = [pid for pid in worker_pids() if pid not in others]
+    return runner, result, victims, len(list(markers.iterdir())) if markers.exists() else 0
+
+
+def test_a_worker_killed_by_pid_has_its_units_redone_elsewhere(ray_local, tmp_path):
+    rows = 40
+    spec, resolved = load_spec(slow_echo_job(tmp_path, "faults", rows, step_s=0.1, replicas=2, num_cpus=0.5))
+    runner, result, victims, _ = run_until_commits(spec, resolved, tmp_path / "out", 4)
+    commits = tmp_path / "out" / "_commits"
     if len(victims) != 2:
         runner.join(timeout=300)  # never leave the job running into the next test
     assert len(victims) == 2, victims
@@ -53,6 +61,42 @@ def test_a_worker_killed_by_pid_has_its_units_redone_elsewhere(ray_local, tmp_pa
     markers = [json.loads(p.read_text()) for p in commits.iterdir()]
     assert any(m["attempt"] == 2 for m in markers)  # what the killed worker held was done again
     print(f"rows in {rows}, out {len(ids)}; units redone: {sum(m['attempt'] == 2 for m in markers)}")
+
+
+def vllm_processes() -> list:
+    """vLLM's engine cores and model workers on this machine (they title themselves VLLM::...)."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("VLLM::")]
+
+
+def test_a_vllm_replica_killed_by_pid_has_its_units_redone(ray_local, tiny_hf_model, tmp_path):
+    rows = 160
+    write_shard(tmp_path / "in.parquet", [f"row {i} asks for a long answer" for i in range(rows)])
+    spec, resolved = parse_spec({
+        "name": "vllm-faults", "input": {"path": str(tmp_path / "in.parquet")}, "output": {"path": str(tmp_path / "out")},
+        "sampling": {"max_tokens": 64}, "unit_rows": 4, "prefetch_units": 2,
+        "workers": [vllm_pool(tiny_hf_model, engine_args={"max_num_seqs": 2})]}, env={})
+    runner, result, victims, at_kill = run_until_commits(spec, resolved, tmp_path / "out", 2, timeout=180)
+    commits = tmp_path / "out" / "_commits"
+    if len(victims) != 1 or at_kill >= rows // 4:
+        runner.join(timeout=300)  # never leave the job running into the next test
+    assert len(victims) == 1 and at_kill < rows // 4, (victims, at_kill)
+    os.kill(victims[0], signal.SIGKILL)  # vLLM's engine core and model worker lose their parent with it
+    runner.join(timeout=300)
+
+    assert result["status"] == "succeeded" and result["units_committed"] == rows // 4
+    out = pq.read_table(tmp_path / "out").to_pylist()
+    assert sorted(r["source_row"] for r in out) == list(range(rows))  # nothing lost, nothing twice
+    assert all(r["error"] is None and r["completion_tokens"] > 0 for r in out)
+    markers = [json.loads(p.read_text()) for p in commits.iterdir()]
+    redone = sum(m["attempt"] == 2 for m in markers)
+    assert redone >= 1  # what the killed replica held was made again by its replacement
+    deadline = time.time() + 30
+    while vllm_processes() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not vllm_processes(), "a vLLM process outlived its replica"
+    print(f"rows in {rows}, out {len(out)}; {at_kill} units committed at the kill, {redone} redone")
 
 
 def poison_job(tmp_path: Path, rows: int, poison_row: int, **job) -> Path:

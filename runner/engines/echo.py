@@ -7,7 +7,8 @@ import time
 from collections import deque
 
 from runner.engines.base import Completion, Request
-from runner.spec import JobSpec, WorkerPool
+from runner.pools import EchoPool
+from runner.spec import JobSpec
 
 
 class EchoEngine:
@@ -24,9 +25,8 @@ class EchoEngine:
         self.queue: deque[Request] = deque()
 
     @classmethod
-    def from_pool(cls, pool: WorkerPool, spec: JobSpec) -> "EchoEngine":
-        args = pool.engine_args
-        return cls(capacity=pool.parallel, step_s=float(args.get("step_s", 0.0)), crash_on=args.get("crash_on"))
+    def from_pool(cls, pool: EchoPool, spec: JobSpec) -> "EchoEngine":
+        return cls(capacity=pool.parallel, step_s=pool.engine_args.step_s, crash_on=pool.engine_args.crash_on)
 
     def add(self, request: Request) -> None:
         self.queue.append(request)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from runner.engines.base import Completion, Request
 from runner.errors import EngineError, ModelError
-from runner.spec import JobSpec, Sampling, WorkerPool
+from runner.pools import LlamaCppPool
+from runner.spec import JobSpec, Sampling
 
 
 def _llama():
@@ -116,13 +117,12 @@ class LlamaCppEngine:
         self.chat = ChatTemplate(template, self) if template else None
 
     @classmethod
-    def from_pool(cls, pool: WorkerPool, spec: JobSpec) -> "LlamaCppEngine":
+    def from_pool(cls, pool: LlamaCppPool, spec: JobSpec) -> "LlamaCppEngine":
         from runner.storage import fetch_to_cache
 
         cache = os.environ.get("RUNNER_CACHE", os.path.expanduser("~/.cache/runner/models"))
         path = fetch_to_cache(pool.model, pool.model_storage_options, cache)
-        threads = pool.n_threads or max(1, int(pool.num_cpus))
-        return cls(path, pool.n_ctx, pool.parallel, threads, pool.n_batch, pool.flash_attn, pool.kv_unified,
+        return cls(path, pool.n_ctx, pool.parallel, pool.threads, pool.n_batch, pool.flash_attn, pool.kv_unified,
                    pool.prefix_reuse, pool.prefix_min_tokens, pool.chat_template)
 
     # -- the engine protocol -------------------------------------------------------------------

