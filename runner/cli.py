@@ -35,6 +35,8 @@ def main(verbose: bool) -> None:
                         stream=sys.stderr)
     for noisy in ("ray", "gguf", "filelock", "urllib3", "botocore", "s3fs", "fsspec", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The driver imports vllm only to check engine_args; what it says of this machine's GPU is not the job's.
+    logging.getLogger("vllm").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 @main.command()

@@ -124,6 +124,12 @@ def _vllm_setting_on_llamacpp_key(t, m):
     return spec_text(t, m).replace("engine: llamacpp, model: " + str(m), "engine: vllm, model: org/m")
 
 
+def _vllm_engine_arg_unknown(t, m):
+    good_input(t)
+    pool = "engine: vllm, model: org/m, num_gpus: 0, engine_args: {max_num_seq: 4}"
+    return spec_text(t, m).replace("engine: llamacpp, model: " + str(m) + ", num_cpus: 1, n_ctx: 64, parallel: 4", pool)
+
+
 CASES = [
     ("unknown key", _unknown_key, 2, "{t}/job.yaml: bogus_key: unknown key"),
     ("wrong type", _wrong_type, 2, '{t}/job.yaml: workers[0].replicas: expected an integer, got "two"'),
@@ -143,6 +149,8 @@ CASES = [
     ("value out of range", _bad_value, 2, "max_failed_rows: expected a count >= 0 or a fraction below 1, got -3"),
     ("llama.cpp setting on a vLLM pool", _vllm_setting_on_llamacpp_key, 2,
      "workers[0]: n_ctx is a llamacpp setting; for vllm set engine_args.max_model_len"),
+    ("vLLM engine_args key vLLM lacks", _vllm_engine_arg_unknown, 2,
+     "workers[0].engine_args.max_num_seq: not an argument of vLLM {v}'s EngineArgs (did you mean max_num_seqs?)"),
 ]
 
 
@@ -151,7 +159,8 @@ def test_bad_input_is_one_line(tmp_path, tiny_model, kind, setup, code, message)
     path = tmp_path / "job.yaml"
     write_job(path, setup(tmp_path, tiny_model))
     result = CliRunner().invoke(main, ["validate", str(path)])
-    expected = message.format(t=tmp_path, m=tiny_model)
+    expected = message.format(t=tmp_path, m=tiny_model, v=pytest.importorskip("vllm").__version__ if "{v}" in message
+                              else "")
     assert result.exit_code == code, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
