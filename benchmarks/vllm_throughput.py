@@ -193,6 +193,8 @@ def main() -> None:
         engine_args.setdefault("kv_cache_memory_bytes", 1 << 30)
     cpus = os.cpu_count() or 1
     prompts = make_prompts(args.prompts, args.seed)
+    if args.model is None:  # the generated model is a local directory: never ask a hub (children inherit it)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     with tempfile.TemporaryDirectory(prefix="vllm-bench-") as tmp:
         model, ggufs = args.model, {}

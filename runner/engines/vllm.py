@@ -16,7 +16,7 @@ from typing import Any
 
 from runner.engines.base import Completion, Request
 from runner.errors import EngineError, first_line
-from runner.pools import VLLMPool, check_engine_args
+from runner.pools import VLLMPool, check_engine_arg_names
 from runner.spec import JobSpec, Sampling
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ class VLLMEngine:
         logging.getLogger("vllm.v1.engine.detokenizer").setLevel(logging.ERROR)
         from vllm.usage.usage_lib import UsageContext
 
-        check_engine_args(pool.engine_args, f"engine_args of the vllm pool for {pool.model}")
+        # `validate` checked them where vllm was importable; a cluster's head may lack it
+        check_engine_arg_names(pool.engine_args, f"engine_args of the vllm pool for {pool.model}")
         args = {"model": pool.model, "disable_log_stats": True, **pool.engine_args}
         if pool.gpus_per_replica > 1:
             args.setdefault("distributed_executor_backend", "ray")
@@ -210,6 +211,4 @@ def _refusal(e: BaseException) -> str:
         return f"prompt_too_long: {text}"
     if "cannot be empty" in text:
         return f"empty_prompt: {text}"
-    if getattr(e, "parameter", None) or "sampling" in text.lower():
-        return f"bad_sampling: {text}"
     return f"invalid_request: {type(e).__name__}: {text}"
