@@ -49,16 +49,19 @@ class BatchLoop:
         self.owners: dict[int, tuple[UnitWork, int]] = {}
         self.ids = itertools.count()
         self.exhausted = False
+        self.last_progress = time.monotonic()  # when a step last returned, or the loop was last idle
 
     def run(self) -> None:
         while True:
             self._top_up()
             if not self.owners:
+                self.last_progress = time.monotonic()
                 if self.exhausted:
                     return
                 continue
             for completion in self.engine.step():
                 self._record(completion)
+            self.last_progress = time.monotonic()
 
     def _top_up(self) -> None:
         """Admit whole units while fewer requests than the engine's capacity are in flight."""

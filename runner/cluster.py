@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 
 from runner.coordinator import Coordinator
-from runner.errors import JobFailedError
+from runner.errors import JobFailedError, ModelError
 from runner.plan import Unit
 from runner.pools import PoolBase
+from runner.progress import Progress
 from runner.spec import JobSpec
 from runner.worker import Worker
 
@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 WORKER_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
-def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options,
-               failed_allowed: float | None = None) -> list[tuple[Unit, str]]:
-    """Process `units` on Ray until each is committed or given up; returns the given-up ones. Stops early,
-    leaving units unrun, once more than `failed_allowed` rows have failed."""
+def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options, failed_allowed: float | None = None,
+               lock=None) -> tuple[list[tuple[Unit, str]], list]:
+    """Process `units` on Ray until each is committed or given up; returns the given-up ones and the stats
+    of those committed. Stops early, leaving units unrun, once more than `failed_allowed` rows have failed,
+    or when `lock` (the driver's JobLock) is found taken by another driver."""
     import ray
 
     from ray.job_config import JobConfig
@@ -41,7 +42,7 @@ def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options,
         announce(ctx)
     try:
         check_fits(spec, embedded=not options.address)
-        return Supervisor(spec, units, run_id, failed_allowed).run(options.progress)
+        return Supervisor(spec, units, run_id, failed_allowed, lock).run(options.progress)
     finally:
         if started_here:
             ray.shutdown()
@@ -92,32 +93,82 @@ def check_fits(spec: JobSpec, embedded: bool) -> None:
 
 
 class Supervisor:
-    """Keeps every pool's replicas running until the coordinator reports the queue finished."""
+    """Keeps every pool's replicas running until the coordinator reports the queue finished.
 
-    def __init__(self, spec: JobSpec, units: list[Unit], run_id: str, failed_allowed: float | None = None):
+    It replaces a lost worker (and kills one whose engine stalls), replaces a lost coordinator from the
+    committed markers, stops a pool whose model cannot load or whose engine keeps stalling, and stops the
+    job when another driver has taken its output location's lock.
+    """
+
+    def __init__(self, spec: JobSpec, units: list[Unit], run_id: str, failed_allowed: float | None = None,
+                 lock=None):
         import ray
 
-        self.ray, self.spec, self.run_id, self.failed_allowed = ray, spec, run_id, failed_allowed
+        from runner.output import OutputStore
+
+        self.ray, self.spec, self.run_id, self.failed_allowed, self.lock = ray, spec, run_id, failed_allowed, lock
+        self.units, self.store = units, OutputStore(spec)
         self.stopping = False
         # Named actors live in a namespace of their own run, so sequential or concurrent jobs never clash.
         self.namespace = f"runner-{spec.name}-{run_id}"
-        self.coordinator = ray.remote(Coordinator).options(
-            num_cpus=0, name="coordinator", namespace=self.namespace).remote(units, spec.max_attempts, spec.name)
-        self.live: dict = {}  # run() ref -> (pool index, replica, actor)
+        self.coordinator = self._start_coordinator(units)
+        self.coordinators_lost = 0
+        self.last_progress: dict = {}
+        self.live: dict = {}  # run() ref -> (pool index, replica, actor, identity)
+        self.killed: dict[str, str] = {}  # identity -> why the supervisor killed it
         self.groups: dict = {}  # (pool index, replica) -> placement group of a multi-GPU replica
         self.incarnations: dict[tuple[int, int], int] = {}
         self.replacements = sum(p.replicas for p in spec.workers) * spec.max_attempts
+        self.retired: dict[int, str] = {}  # pool index -> why it gets no more replicas
+        self.unloadable: dict[int, int] = {}  # pool index -> replicas whose model failed to load
+        self.stall_streak: dict[int, int] = {}  # pool index -> stalls since the pool last committed a unit
+        self.done_seen: dict[str, int] = {}
         self.rows_total = sum(u.num_rows for u in units)
+
+    def _start_coordinator(self, units: list[Unit], attempts: dict | None = None, gave_up: dict | None = None,
+                           totals: dict | None = None):
+        deadline = time.time() + 30
+        while True:
+            try:
+                return self.ray.remote(Coordinator).options(
+                    num_cpus=0, name="coordinator", namespace=self.namespace, max_restarts=0,
+                ).remote(units, self.spec.max_attempts, self.spec.name, attempts, gave_up, totals)
+            except ValueError:  # the lost one's name is not released yet
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _replace_coordinator(self, error: str) -> None:
+        """A new coordinator from the plan less the committed markers; attempts and give-ups as last seen."""
+        self.coordinators_lost += 1
+        if self.coordinators_lost > 10:
+            raise JobFailedError(f"job {self.spec.name}: the coordinator was lost {self.coordinators_lost} times; "
+                                 f"last: {error}")
+        committed = self.store.committed_ids()
+        todo = [u for u in self.units if u.id not in committed]
+        seen = self.last_progress
+        log.warning("the coordinator was lost (%s); a new one takes the %d units not committed", error, len(todo))
+        self.ray.kill(self.coordinator, no_restart=True)
+        self.coordinator = self._start_coordinator(todo, seen.get("attempts"), seen.get("gave_up"), seen)
+        self.done_seen.clear()
+
+    def _ask(self, method: str, *args):
+        """Call the coordinator; a lost one is replaced and the call made again."""
+        while True:
+            try:
+                return self.ray.get(getattr(self.coordinator, method).remote(*args))
+            except self.ray.exceptions.RayActorError as e:
+                self._replace_coordinator(short_error(e))
 
     def spawn(self, pool_index: int, replica: int) -> None:
         name = self.spec.pool_names()[pool_index]
         n = self.incarnations[(pool_index, replica)] = self.incarnations.get((pool_index, replica), -1) + 1
+        identity = f"{name}-{replica}" + (f".{n}" if n else "")
         actor = self.ray.remote(Worker).options(
-            name=f"{name}-{replica}" + (f".{n}" if n else ""), namespace=self.namespace, max_restarts=0,
-            runtime_env=WORKER_ENV,
+            name=identity, namespace=self.namespace, max_restarts=0, runtime_env=WORKER_ENV,
             **self.placement(pool_index, replica),
-        ).remote(self.spec, pool_index, replica, self.coordinator, self.run_id)
-        self.live[actor.run.remote()] = (pool_index, replica, actor)
+        ).remote(self.spec, pool_index, replica, self.coordinator, self.run_id, identity, self.namespace)
+        self.live[actor.run.remote()] = (pool_index, replica, actor, identity)
 
     def placement(self, pool_index: int, replica: int) -> dict:
         """Ray options that place one replica. A vLLM replica spanning several GPUs gets a placement group
@@ -141,29 +192,59 @@ class Supervisor:
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(
                     self.groups[key], placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
 
-    def run(self, show_progress: bool) -> list[tuple[Unit, str]]:
+    def run(self, show_progress: bool) -> tuple[list[tuple[Unit, str]], list]:
+        """Returns the given-up units (with their last error) and the stats of the units committed."""
         for i, pool in enumerate(self.spec.workers):
             for r in range(pool.replicas):
                 self.spawn(i, r)
         try:
             with Progress(self.rows_total, show_progress) as bar:
                 while self.live:
+                    if self.lock is not None:
+                        self.lock.check()  # another driver took the output location: stop here
                     ready, _ = self.ray.wait(list(self.live), num_returns=1, timeout=1.0)
                     for ref in ready:
                         self._reap(ref)
-                    progress = self.ray.get(self.coordinator.progress.remote())
+                    progress = self.last_progress = self._ask("progress")
                     bar.update(progress)
-                    if progress["finished"]:
-                        break  # every unit is committed; a replica still waiting for a node is not needed
-                    if self._too_many_failed(progress):
-                        break
-            progress = self.ray.get(self.coordinator.progress.remote())
-            given_up = self.ray.get(self.coordinator.given_up.remote())
+                    if progress["finished"] or self._too_many_failed(progress):
+                        break  # every unit is settled; a replica still waiting for a node is not needed
+                    self._watch(progress)
+            progress = self.last_progress = self._ask("progress")
+            given_up, committed = self._ask("given_up"), self._ask("committed")
         finally:
             self.close()
         if not progress["finished"] and not self._too_many_failed(progress):
-            raise JobFailedError(f"job {self.spec.name}: every worker was lost; last error: {progress['last_error']}")
-        return given_up
+            raise self._why_stopped(progress)
+        return given_up, committed
+
+    def _why_stopped(self, progress: dict) -> Exception:
+        left = progress["units_queued"] + progress["units_in_flight"]
+        names = self.spec.pool_names()
+        if self.retired and all("cannot load" in why for why in self.retired.values()):
+            return ModelError(next(iter(self.retired.values())))
+        if self.retired:
+            whys = "; ".join(why for _, why in sorted(self.retired.items()))
+            return JobFailedError(f"job {self.spec.name}: {whys}; {left} unit{'s' if left != 1 else ''} not run")
+        lost = [n for i, n in enumerate(names) if i not in self.retired]
+        return JobFailedError(f"job {self.spec.name}: every worker was lost ({', '.join(lost)}); "
+                              f"last error: {progress['last_error']}")
+
+    def _watch(self, progress: dict) -> None:
+        """Kill each worker whose engine has held rows without progress for its pool's stall_timeout_s."""
+        for pool, done in progress["done_by_pool"].items():
+            if done > self.done_seen.get(pool, 0):
+                self.stall_streak.pop(self.spec.pool_names().index(pool), None)
+            self.done_seen[pool] = done
+        for pool_index, _, actor, identity in list(self.live.values()):
+            stalled = progress["stalled_s"].get(identity, 0.0)
+            limit = self.spec.workers[pool_index].stall_timeout_s
+            if stalled > limit and identity not in self.killed:
+                self.killed[identity] = f"stalled: its engine made no progress for {stalled:.0f}s"
+                log.error("worker %s stalled: no step finished for %.0fs (stall_timeout_s %g); replacing it",
+                          identity, stalled, limit)
+                self.stall_streak[pool_index] = self.stall_streak.get(pool_index, 0) + 1
+                self.ray.kill(actor, no_restart=True)
 
     def _too_many_failed(self, progress: dict) -> bool:
         failed = progress.get("rows_failed", 0) + progress.get("rows_given_up", 0)
@@ -176,7 +257,7 @@ class Supervisor:
 
     def close(self) -> None:
         """Actors are ended explicitly: a job leaves nothing running on a long-lived cluster."""
-        for _, _, actor in self.live.values():
+        for _, _, actor, _ in self.live.values():
             self.ray.kill(actor, no_restart=True)
         self.live.clear()
         self.ray.kill(self.coordinator, no_restart=True)
@@ -187,18 +268,35 @@ class Supervisor:
         self.groups.clear()
 
     def _reap(self, ref) -> None:
-        pool_index, replica, actor = self.live.pop(ref)
-        name = f"{self.spec.pool_names()[pool_index]}-{replica}"
+        pool_index, replica, actor, identity = self.live.pop(ref)
+        pool_name = self.spec.pool_names()[pool_index]
         try:
             self.ray.get(ref)
             return
         except self.ray.exceptions.RayError as e:
-            error = short_error(e)
+            cause = getattr(e, "cause", None)
+            error = self.killed.pop(identity, None) or short_error(e)
         self.ray.kill(actor, no_restart=True)
-        lost = self.ray.get(self.coordinator.worker_lost.remote(name, error))
-        log.warning("worker %s lost (%s); %d units back in the queue", name, error, len(lost))
-        finished = self.ray.get(self.coordinator.progress.remote())["finished"]
-        if not finished and self.replacements > 0:
+        lost = self._ask("worker_lost", identity, error)
+        if isinstance(cause, ModelError):  # it would fail the same way again: this replica is done
+            self.unloadable[pool_index] = self.unloadable.get(pool_index, 0) + 1
+            if self.unloadable[pool_index] < self.spec.workers[pool_index].replicas:
+                log.error("%s", cause)
+                return
+            self.retired[pool_index] = str(cause)
+            if self.live:  # else it is the job's own error
+                log.error("%s; the job goes on without this pool", cause)
+            return
+        log.warning("worker %s lost (%s); %d units back in the queue", identity, error, len(lost))
+        limit = self.spec.max_attempts + 1  # a poison unit alone stalls max_attempts times, then is given up
+        if self.stall_streak.get(pool_index, 0) >= limit and pool_index not in self.retired:
+            timeout = self.spec.workers[pool_index].stall_timeout_s
+            self.retired[pool_index] = (f"pool {pool_name} stalled: its engine made no progress for "
+                                        f"{timeout:g}s (stall_timeout_s), {limit} times in a row")
+            log.error("%s; it gets no more replicas", self.retired[pool_index])
+        if pool_index in self.retired:
+            return
+        if not self.last_progress.get("finished") and self.replacements > 0:
             self.replacements -= 1
             self.spawn(pool_index, replica)
 
@@ -208,40 +306,5 @@ def short_error(e: BaseException) -> str:
     if isinstance(cause, BaseException) and cause is not e:
         e = cause
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    text = lines[-1] if lines else ""
+    text = (lines[-1] if lines else "").split(" Some common causes include")[0]  # Ray's advice is not the error
     return f"{type(e).__name__}: {text}"[:500]
-
-
-class Progress:
-    """A rich progress bar on a terminal; a log line every 10 s otherwise."""
-
-    def __init__(self, rows_total: int, enabled: bool):
-        self.rows_total, self.enabled = rows_total, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.bar = None
-        self.started = self.last_log = time.time()
-
-    def __enter__(self):
-        if self.tty:
-            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
-
-            self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(),
-                                    TextColumn("{task.completed}/{task.total} rows"),
-                                    TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(), transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task("generating", total=self.rows_total, tps="0")
-        return self
-
-    def update(self, p: dict) -> None:
-        tps = p.get("completion_tokens", 0) / max(time.time() - self.started, 1e-9)
-        if self.bar is not None:
-            self.bar.update(self.task, completed=p.get("rows", 0), tps=f"{tps:.0f}")
-        elif self.enabled and time.time() - self.last_log >= 10:
-            self.last_log = time.time()
-            log.info("units %d/%d, rows %d/%d (%d failed), %.0f tok/s", p["units_done"], p["units_total"],
-                     p.get("rows", 0), self.rows_total, p.get("rows_failed", 0), tps)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False

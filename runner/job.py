@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -12,12 +13,13 @@ import pyarrow as pa
 from runner.engines.base import Completion
 from runner.errors import JobFailedError, RunnerError
 from runner.lock import JobLock
-from runner.output import OutputStore, output_table, summarize, unit_stats
+from runner.ledger import Ledger
+from runner.output import OutputStore, UnitStats, summarize
 from runner.plan import Plan, Unit, make_plan
-from runner.report import write_report
+from runner.report import FAILED_POOL, write_report
 from runner.spec import JobSpec
+from runner.reader import RowGroupReader
 from runner.storage import storage_errors
-from runner.worker import RowGroupReader
 
 log = logging.getLogger(__name__)
 
@@ -50,32 +52,36 @@ def run_job(spec: JobSpec, resolved_spec: dict, options: RunOptions = RunOptions
     plan = validate(spec)
     store = OutputStore(spec)
     run_id = uuid.uuid4().hex[:12]
-    with JobLock(store.loc, spec.name, run_id):
-        return _run_locked(spec, resolved_spec, options, plan, store, run_id, started)
+    with JobLock(store.loc, spec.name, run_id) as lock:
+        return _run_locked(spec, resolved_spec, options, plan, store, run_id, started, lock)
 
 
 def _run_locked(spec: JobSpec, resolved_spec: dict, options: RunOptions, plan: Plan, store: OutputStore,
-                run_id: str, started: float) -> dict:
+                run_id: str, started: float, lock: JobLock) -> dict:
     resuming = store.begin(plan, resolved_spec, options.overwrite)
-    done = store.committed_ids()
+    before = Ledger.resume(store.loc)  # one listing; only markers not yet rolled up are read
+    done = before.committed_ids
     todo = [u for u in plan.units if u.id not in done]
     log.info("job %s: %d units, %d rows; %d units already committed%s", spec.name, len(plan.units),
              plan.total_rows, len(plan.units) - len(todo), " (resuming)" if resuming else "")
     given_up: list[tuple[Unit, str]] = []
+    known: list[UnitStats] = []
     if todo:
         from runner.cluster import run_on_ray
 
         allowed = failed_rows_allowed(spec, plan.total_rows)
         if allowed is not None:  # what earlier runs' committed units already used up
-            allowed -= sum(m.rows_failed for m in store.markers() if m.unit_id in done)
-        given_up = run_on_ray(spec, todo, run_id, options, failed_allowed=allowed)
-    for unit, error in given_up:
-        write_failed_unit(spec, store, unit, error, run_id)
-    return finish(spec, store, plan, run_id, started, skipped=len(plan.units) - len(todo))
+            allowed -= before.totals().get("rows_failed", 0)
+        given_up, known = run_on_ray(spec, todo, run_id, options, failed_allowed=allowed, lock=lock)
+    lock.check()  # a driver that took the location over while this one's workers ran finishes the job
+    known += [write_failed_unit(spec, store, unit, error, run_id) for unit, error in given_up]
+    return finish(spec, store, plan, run_id, started, skipped=len(plan.units) - len(todo), known=known,
+                  ledger=None if todo else before)
 
 
-def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str, run_id: str) -> None:
-    """A unit that failed every attempt: its rows are written with the error, so none is lost."""
+def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str, run_id: str) -> UnitStats:
+    """A unit that failed every attempt: its rows are written with the error, through the workers' commit
+    path, so none is lost. Returns its stats."""
     try:
         inputs = RowGroupReader(spec).read(unit, 0).inputs
     except Exception:  # the input itself may be what fails; keep the rows' positions at least
@@ -83,16 +89,22 @@ def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str,
         inputs = pa.table({c: pa.nulls(unit.num_rows) for c in cols} or {"_": pa.nulls(unit.num_rows)})
     message = f"unit_failed: after {spec.max_attempts} attempts: {error}"[:2000]
     results = [Completion.failed(i, message) for i in range(unit.num_rows)]
-    stats = unit_stats(unit, results, pool="-", worker="-", run_id=run_id, attempt=spec.max_attempts,
-                       started_at=time.time(), finished_at=time.time())
-    store.commit(unit, output_table(spec, unit, inputs, results), stats)
+    now = time.time()
+    stats = store.commit_results(unit, inputs, results, pool=FAILED_POOL, worker=FAILED_POOL, run_id=run_id,
+                                 attempt=spec.max_attempts, started_at=now, finished_at=now)
     log.error("%s: rows %d..%d written as failed after %d attempts: %s", unit.id, unit.row_start,
               unit.row_start + unit.num_rows - 1, spec.max_attempts, error)
+    return stats
 
 
-def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: float, skipped: int) -> dict:
+def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: float, skipped: int,
+           known: Iterable[UnitStats] = (), ledger: Ledger | None = None) -> dict:
+    """Write the manifest, the report and the rolled-up ledger; raise JobFailedError if the job is not done.
+    `known`: the stats this run's coordinator received, so none of this run's own markers is read again;
+    `ledger`: the one loaded at the start when nothing has been committed since."""
+    ledger = ledger or Ledger.load(store.loc, known)
     plan_ids = {u.id for u in plan.units}
-    mine = [m for m in store.markers() if m.unit_id in plan_ids]
+    mine = [m for m in ledger.stats if m.unit_id in plan_ids]
     missing = sorted(plan_ids - {m.unit_id for m in mine})
     summary = summarize(mine, spec.pool_names(), run_id)
     wall = time.time() - started
@@ -110,10 +122,7 @@ def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: 
     ok = not missing and not failed_limit
     manifest["status"] = "succeeded" if ok else "failed"
     store.finish(manifest, ok)
-    try:
-        log.info("report: %s", write_report(store.loc, mine))
-    except RunnerError as e:  # the rows and the manifest are what count; a report can be written later
-        log.warning("no report written: %s (runner report %s writes it)", e, store.loc.url)
+    _write_summaries(store, ledger, mine)
     if failed_limit:
         unrun = f"; stopped with {len(missing)} units not run" if missing else ""
         raise JobFailedError(f"job {spec.name}: {failed_limit}{unrun}; failed rows by error: "
@@ -121,6 +130,19 @@ def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: 
     if missing:
         raise JobFailedError(f"job {spec.name}: {len(missing)} units were not committed (first: {missing[0]})")
     return manifest
+
+
+def _write_summaries(store: OutputStore, ledger: Ledger, mine: list[UnitStats]) -> None:
+    """The report and the rolled-up ledger. The rows and the manifest are what count: a failure here is a
+    warning, since a report can be written later and the next load reads the markers the roll missed."""
+    try:
+        log.info("report: %s", write_report(store.loc, mine))
+    except RunnerError as e:
+        log.warning("no report written: %s (runner report %s writes it)", e, store.loc.url)
+    try:
+        ledger.roll()
+    except RunnerError as e:
+        log.warning("ledger not rolled up: %s (the next run reads the commit markers instead)", e)
 
 
 def failed_rows_allowed(spec: JobSpec, total: int) -> float | None:
@@ -143,7 +165,7 @@ def job_status(spec: JobSpec) -> dict:
     store = OutputStore(spec)
     with storage_errors(f"output.path: {spec.output.path}"):
         record = store.job_record()
-        markers = store.markers() if record else []
+        markers = Ledger.load(store.loc).stats if record else []  # read-only: never rolls
         succeeded = store.succeeded() if record else False
     summary = summarize(markers, spec.pool_names())
     return {

@@ -30,14 +30,15 @@ class JobMetrics:
         self.recent: dict[str, deque[tuple[float, int]]] = {}
         self.started = time.time()
 
-    def unit_committed(self, pool: str, totals: dict) -> None:
-        tags = {"job": self.job, "pool": pool}
-        self.rows_done.inc(totals.get("rows", 0), tags=tags)
-        if totals.get("rows_failed"):
-            self.rows_failed.inc(totals["rows_failed"], tags=tags)
-        self.prompt_tokens.inc(totals.get("prompt_tokens", 0), tags=tags)
-        self.generated_tokens.inc(totals.get("completion_tokens", 0), tags=tags)
-        self.recent.setdefault(pool, deque()).append((time.time(), totals.get("completion_tokens", 0)))
+    def unit_committed(self, stats) -> None:
+        """Count one committed unit's rows and tokens (`stats`: its runner.output.UnitStats)."""
+        tags = {"job": self.job, "pool": stats.pool}
+        self.rows_done.inc(stats.rows, tags=tags)
+        if stats.rows_failed:
+            self.rows_failed.inc(stats.rows_failed, tags=tags)
+        self.prompt_tokens.inc(stats.prompt_tokens, tags=tags)
+        self.generated_tokens.inc(stats.completion_tokens, tags=tags)
+        self.recent.setdefault(stats.pool, deque()).append((time.time(), stats.completion_tokens))
 
     def unit_given_up(self, rows: int) -> None:
         """Its rows are written as failed by the driver at the end; they count from now."""

@@ -96,19 +96,18 @@ class OutputStore:
         with storage_errors(f"output.path: {self.loc.url}"):
             if overwrite:
                 self.loc.remove_all(keep=(LOCK,))  # the lock is this driver's own
-            names = self.loc.list()
-            resuming = JOB in names
+            resuming = self.loc.exists(JOB)  # not a listing: a resumed job's location holds every part
             if resuming:
                 self._check_same_job(self.loc.read_json(JOB), plan)
-            elif any(not n.startswith(("_", ".")) for n in names):
+            elif any(not n.startswith(("_", ".")) for n in self.loc.list()):
                 raise JobConflictError(
                     f"output.path: {self.loc.url} holds files but no runner job; use --overwrite to replace them"
                 )
             record = {"name": self.spec.name, "fingerprint": self.spec.fingerprint(),
-                      "input_fingerprint": plan.fingerprint(), "units": len(plan.units),
-                      "rows": plan.total_rows, "spec": resolved_spec}
+                      "input_fingerprint": plan.fingerprint(), "inputs": [f.identity() for f in plan.files],
+                      "units": len(plan.units), "rows": plan.total_rows, "spec": resolved_spec}
             self.loc.write_json(JOB, record)
-            if SUCCESS in names:
+            if self.loc.exists(SUCCESS):
                 self.loc.fs.rm_file(self.loc.path(SUCCESS))
         return resuming
 
@@ -118,10 +117,18 @@ class OutputStore:
                 f"output.path: {self.loc.url} holds job {record.get('name')!r} with a different spec "
                 "(model, sampling, input or unit_rows); use --overwrite to replace it"
             )
-        if record.get("input_fingerprint") != plan.fingerprint():
+        if "inputs" not in record:  # written before the record kept each file's identity: urls and rows only
+            if record.get("input_fingerprint") != plan.rows_fingerprint():
+                raise JobConflictError(
+                    f"output.path: {self.loc.url} holds this job over different input files or row counts; "
+                    "use --overwrite to start over"
+                )
+            return
+        # Same identities, so every unit id names the rows it named before (see Plan.input_change).
+        change = plan.input_change(record["inputs"])
+        if change:
             raise JobConflictError(
-                f"output.path: {self.loc.url} holds this job over different input files or row counts; "
-                "use --overwrite to start over"
+                f"output.path: {self.loc.url} holds this job over other input: {change}; use --overwrite to start over"
             )
 
     def commit(self, unit: Unit, table: pa.Table, stats: UnitStats) -> None:
@@ -130,13 +137,17 @@ class OutputStore:
             self.loc.write_table(unit.data_name, table)
             self.loc.write_json(f"{COMMITS}/{unit.id}.json", asdict(stats))
 
-    def committed_ids(self) -> set[str]:
-        with storage_errors(f"output.path: {self.loc.url}: cannot list commit markers"):
-            names = self.loc.list(COMMITS)
-        return {n.rsplit("/", 1)[-1].removesuffix(".json") for n in names if n.endswith(".json")}
+    def commit_results(self, unit: Unit, inputs: pa.Table, results: list[Completion | None], **who) -> UnitStats:
+        """The one commit path, for a worker's unit and for the driver's given-up one: one output row per
+        input row, its stats, then `commit`. `who`: pool, worker, run_id, attempt, times, node."""
+        table = output_table(self.spec, unit, inputs, results)
+        stats = unit_stats(unit, results, **who)
+        self.commit(unit, table, stats)
+        return stats
 
-    def markers(self) -> list[UnitStats]:
-        return read_markers(self.loc)
+    def committed_ids(self) -> set[str]:
+        """The committed units, from one listing of the markers."""
+        return set(list_markers(self.loc))
 
     def job_record(self) -> dict | None:
         with storage_errors(f"output.path: {self.loc.url}"):
@@ -152,11 +163,19 @@ class OutputStore:
         return self.loc.exists(SUCCESS)
 
 
-def read_markers(loc: Location) -> list[UnitStats]:
-    """Every commit marker under `loc`, in unit id order."""
+def list_markers(loc: Location) -> dict[str, str]:
+    """{unit id: marker name} of every commit marker under `loc`, in unit id order, from one listing;
+    a local write still in flight (a hidden temporary name) is not a marker."""
+    with storage_errors(f"output.path: {loc.url}: cannot list commit markers"):
+        names = loc.list(COMMITS)
+    return {n.rsplit("/", 1)[-1].removesuffix(".json"): n for n in names if n.endswith(".json")}
+
+
+def read_markers(loc: Location, names: list[str] | None = None) -> list[UnitStats]:
+    """The commit markers `names` (default: every one under `loc`), read in parallel, in the order given."""
+    names = list(list_markers(loc).values()) if names is None else names
     with storage_errors(f"output.path: {loc.url}: cannot read commit markers"), \
             ThreadPoolExecutor(max_workers=16) as pool:
-        names = [n for n in loc.list(COMMITS) if n.endswith(".json")]
         return [UnitStats(**r) for r in pool.map(loc.read_json, names)]
 
 

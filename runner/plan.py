@@ -5,8 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from itertools import groupby
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,11 +24,27 @@ from runner.storage import retrying
 _GLOB = set("*?[")
 
 
+# Where a store's listing keeps its version token, best first, and the kind each is recorded as: an object
+# store's token changes with every write of the object; a modification time is the fallback.
+_VERSION_KEYS = (("ETag", "etag"), ("etag", "etag"), ("generation", "generation"), ("mtime", "mtime"),
+                 ("LastModified", "mtime"), ("last_modified", "mtime"), ("updated", "mtime"))
+_VERSION_WORDS = {"etag": "ETag", "generation": "generation", "mtime": "modified"}
+
+
 @dataclass(frozen=True)
 class InputFile:
+    """One input shard as planned; together its fields are the file's identity, which a resume checks."""
+
     url: str
     num_rows: int
     row_groups: tuple[int, ...]  # rows in each row group
+    size: int  # bytes
+    version: str  # "etag:…", "generation:…" or "mtime:…"; "" where the store has none
+
+    def identity(self) -> dict:
+        """What the job record keeps of this file: small, and enough to say what changed."""
+        return {"url": self.url, "size": self.size, "version": self.version, "rows": self.num_rows,
+                "row_groups": row_group_summary(self.row_groups)}
 
 
 @dataclass(frozen=True)
@@ -53,35 +73,88 @@ class Plan:
         return sum(f.num_rows for f in self.files)
 
     def fingerprint(self) -> str:
-        body = [(f.url, f.num_rows) for f in self.files]
-        return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
+        """Hash of every file's identity: url, rows, row groups, size and version token."""
+        return _hash([(f.url, f.num_rows, f.row_groups, f.size, f.version) for f in self.files])
+
+    def rows_fingerprint(self) -> str:
+        """Hash of urls and row counts only: what a job record written before `inputs` holds."""
+        return _hash([(f.url, f.num_rows) for f in self.files])
+
+    def input_change(self, recorded: list[dict]) -> str | None:
+        """The first input file (by url) whose identity differs from the one `recorded`, and how, in words.
+
+        Why a unit id then names the same rows in every run: an id is `part-<file index>-<row_start>`, and
+        cut_units derives it from the sorted file list, each file's row groups and unit_rows alone (unit_rows is
+        in the spec's fingerprint). Equal urls keep every index; equal row groups keep every cut; an equal size
+        and version token (an object store gives an object a new ETag or generation with each write, a disk a
+        file a new mtime to the tick of its clock) say the rows behind each id were not rewritten. Checked when
+        a run starts: a file rewritten while a run reads it is caught by the next resume, not by that run.
+        """
+        now = {f.url: f.identity() for f in self.files}
+        was = {r["url"]: r for r in recorded}
+        for url in sorted(was.keys() | now.keys()):
+            if url not in now:
+                return f"{url} vanished since the job started"
+            if url not in was:
+                return f"{url} appeared since the job started"
+            changes = _changes(was[url], now[url])
+            if changes:
+                return f"{url} changed since the job started ({', '.join(changes)})"
+        return None
+
+
+def _hash(body) -> str:
+    return hashlib.sha256(json.dumps(body).encode()).hexdigest()[:16]
+
+
+def row_group_summary(groups: Sequence[int]) -> str:
+    """Row-group sizes run-length encoded ("6×64+1×16"); a hash past four runs keeps a record small."""
+    runs = [f"{len(list(run))}×{n}" for n, run in groupby(groups)]
+    if len(runs) <= 4:
+        return "+".join(runs) or "none"
+    return f"{len(groups)} groups #{_hash(list(groups))[:12]}"
+
+
+def _changes(was: dict, now: dict) -> list[str]:
+    """What differs between two identities of one file, in words."""
+    out = [f"{label} {was.get(key)} → {now[key]}{unit}" for key, label, unit in
+           (("rows", "rows", ""), ("row_groups", "row groups", ""), ("size", "size", " bytes"))
+           if was.get(key) != now[key]]
+    old, new = str(was.get("version") or ""), now["version"]
+    if old != new:
+        kind = new.partition(":")[0]
+        if kind in _VERSION_WORDS and old.partition(":")[0] == kind:
+            out.append(f"{_VERSION_WORDS[kind]} {old[len(kind) + 1:]} → {new[len(kind) + 1:]}")
+        else:
+            out.append(f"version {old or 'none'} → {new or 'none'}")
+    return out
 
 
 def make_plan(spec: JobSpec) -> Plan:
     """List and inspect the input; raises InputError naming the file or column at fault."""
-    urls = list_inputs(spec.input.path, spec.input.storage_options)
-    with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
-        inspected = list(pool.map(lambda u: inspect_file(spec, u), urls))
+    listed = list_inputs(spec.input.path, spec.input.storage_options)
+    with ThreadPoolExecutor(max_workers=min(16, len(listed))) as pool:
+        inspected = list(pool.map(lambda item: inspect_file(spec, *item), listed))
     _check_same_types(spec, inspected)
     files = [f for f, _ in inspected]
     units = [u for i, f in enumerate(files) for u in cut_units(i, f, spec.unit_rows)]
     return Plan(tuple(files), tuple(units))
 
 
-def list_inputs(url: str, storage_options: dict) -> list[str]:
+def list_inputs(url: str, storage_options: dict) -> list[tuple[str, dict]]:
+    """The input files' urls, sorted, each with the details its listing gave (size, version token, ...)."""
     fs, path = url_to_fs(url, **storage_options)
     protocol = get_protocol(url)
     try:
         if _GLOB & set(path):
-            found = [p for p in fs.glob(path) if fs.isfile(p)]
+            found = {p: d for p, d in fs.glob(path, detail=True).items() if d.get("type") == "file"}
         elif _isdir(fs, path):
-            found = [p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p, path)]
+            found = {p: d for p, d in fs.find(path, detail=True).items()
+                     if p.endswith(".parquet") and not _hidden(p, path)}
             if not found:
                 raise InputError(f"input.path: no *.parquet files under {url}")
-        elif fs.exists(path):
-            found = [path]
         else:
-            raise InputError(f"input.path: {url} does not exist")
+            found = {path: fs.info(path)}
     except FileNotFoundError:
         raise InputError(f"input.path: {url} does not exist") from None
     except RunnerError:
@@ -90,7 +163,7 @@ def list_inputs(url: str, storage_options: dict) -> list[str]:
         raise StorageError(f"input.path: cannot list {url} ({e})") from None
     if not found:
         raise InputError(f"input.path: no files match {url}")
-    return [_with_protocol(protocol, p) for p in sorted(found)]
+    return [(_with_protocol(protocol, p), found[p]) for p in sorted(found)]
 
 
 def _isdir(fs, path: str) -> bool:
@@ -113,10 +186,16 @@ def _footer(fs, path: str) -> pq.FileMetaData:
         return pq.ParquetFile(f).metadata
 
 
-def read_footer(url: str, storage_options: dict) -> pq.FileMetaData:
-    fs, path = url_to_fs(url, **storage_options)
+@retrying
+def _info(fs, path: str) -> dict:
+    return fs.info(path)
+
+
+@contextmanager
+def _reading(url: str):
+    """Turn a failed read of an input file into an InputError or StorageError that names it."""
     try:
-        return _footer(fs, path)
+        yield
     except pa.ArrowInvalid as e:
         raise InputError(f"{url}: not a readable Parquet file ({e})") from None
     except FileNotFoundError:
@@ -125,7 +204,36 @@ def read_footer(url: str, storage_options: dict) -> pq.FileMetaData:
         raise StorageError(f"{url}: cannot read ({e})") from None
 
 
-def inspect_file(spec: JobSpec, url: str) -> tuple[InputFile, pa.Schema]:
+def read_footer(url: str, storage_options: dict) -> pq.FileMetaData:
+    fs, path = url_to_fs(url, **storage_options)
+    with _reading(url):
+        return _footer(fs, path)
+
+
+def _size_and_version(url: str, storage_options: dict, listed: dict) -> tuple[int, str]:
+    """The file's size and version token from its listing's details, else from one `info` call."""
+    details = listed
+    if details.get("size") is None or not _version(details):
+        fs, path = url_to_fs(url, **storage_options)
+        with _reading(url):
+            details = _info(fs, path)
+    return int(details.get("size") or 0), _version(details)
+
+
+def _version(details: dict) -> str:
+    for key, kind in _VERSION_KEYS:
+        value = details.get(key)
+        if value in (None, ""):
+            continue
+        if kind == "mtime" and isinstance(value, (int, float)):  # a local file's: seconds since the epoch
+            value = datetime.fromtimestamp(value, timezone.utc)
+        return f"{kind}:{value.isoformat() if isinstance(value, datetime) else value}"
+    return ""
+
+
+def inspect_file(spec: JobSpec, url: str, listed: dict) -> tuple[InputFile, pa.Schema]:
+    """Read one file's footer and check its columns; `listed` is what its listing said of it."""
+    size, version = _size_and_version(url, spec.input.storage_options, listed)
     meta = read_footer(url, spec.input.storage_options)
     schema = meta.schema.to_arrow_schema()
     inp = spec.input
@@ -150,7 +258,7 @@ def inspect_file(spec: JobSpec, url: str) -> tuple[InputFile, pa.Schema]:
             raise InputError(f"{url}: sampling column {inp.sampling_column!r} has type {stype}, expected a struct "
                              "or a JSON object string")
     groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-    return InputFile(url, meta.num_rows, groups), schema
+    return InputFile(url, meta.num_rows, groups, size, version), schema
 
 
 def _is_text(t: pa.DataType) -> bool:

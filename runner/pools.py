@@ -52,6 +52,9 @@ class PoolBase(BaseModel):
     unit_rows: int | None = Field(
         None, ge=1, description="Rows a replica takes from the queue at once, a multiple of the job's unit_rows "
                                 "(which stays the checkpoint unit); default: the job's unit_rows.")
+    stall_timeout_s: float = Field(
+        300.0, gt=0, description="A replica whose engine holds rows this long without finishing a step is killed "
+                                 "and replaced, and its units count an attempt (model loading excluded).")
 
     @model_validator(mode="before")
     @classmethod
@@ -131,19 +134,11 @@ class LlamaCppPool(PoolBase):
         return f"parallel={self.parallel}, n_ctx={self.n_ctx}"
 
     def check(self, where: str) -> None:
-        from fsspec.core import url_to_fs
+        """The model must be a GGUF that llama.cpp could load: its header readable, its tensors inside the file
+        (read through fsspec, header only)."""
+        from runner.gguf import check_gguf
 
-        key = f"{where}.model"
-        try:
-            fs, path = url_to_fs(self.model, **self.model_storage_options)
-            with fs.open(path, "rb") as f:
-                magic = f.read(4)
-        except FileNotFoundError:
-            raise ModelError(f"{key}: {self.model} does not exist") from None
-        except (OSError, ValueError) as e:
-            raise ModelError(f"{key}: cannot read {self.model} ({e})") from None
-        if magic != b"GGUF":
-            raise ModelError(f"{key}: {self.model} is not a GGUF file")
+        check_gguf(self.model, self.model_storage_options, f"{where}.model")
 
 
 # vLLM engine_args that change what a row's text is; resume refuses when one of them changes.
@@ -254,6 +249,8 @@ class EchoArgs(BaseModel):
     step_s: float = Field(0.0, ge=0, description="Seconds each step sleeps, to model a slow engine.")
     crash_on: str | None = Field(
         None, description="A text that ends the worker's process when a prompt holds it: a poison row for drills.")
+    hang_on: str | None = Field(
+        None, description="A text that makes a step hang for good when a prompt holds it: a stalled engine.")
 
 
 class EchoPool(PoolBase):
@@ -263,7 +260,7 @@ class EchoPool(PoolBase):
 
     engine: Literal["echo"]
     parallel: int = Field(8, ge=1, description="Rows a step finishes.")
-    engine_args: EchoArgs = Field(default_factory=EchoArgs, description="step_s, crash_on.")
+    engine_args: EchoArgs = Field(default_factory=EchoArgs, description="step_s, crash_on, hang_on.")
 
     def describe(self) -> str:
         return f"parallel={self.parallel}"

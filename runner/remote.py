@@ -15,6 +15,8 @@ from runner.spec import JobSpec
 
 SPEC_ENV = "RUNNER_JOB_YAML"  # the job.yaml text travels in the job's runtime env under this name
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+NOT_FOUND = 127  # the shell's exit code for a command it cannot find
+_ENTRYPOINT_NOT_FOUND = re.compile(rf"entrypoint command failed with exit code {NOT_FOUND}\b")
 _VAR_NAME = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -68,6 +70,7 @@ class RemoteJobs:
                 write(text[shown:])
                 shown = len(text)
             if str(info.status) in TERMINAL:
+                check_entrypoint_found(info, submission_id, self.address)
                 return info
             time.sleep(poll_s)
 
@@ -79,6 +82,17 @@ class RemoteJobs:
             if "does not exist" in text or "404" in text:
                 raise ClusterError(f"{what}: no such job on the Ray cluster at {self.address}") from None
             raise ClusterError(f"{what}: the Ray cluster at {self.address} refused the request ({text})") from None
+
+
+def check_entrypoint_found(info, submission_id: str, address: str) -> None:
+    """A job whose entrypoint exited 127 never started `runner`: the head's shell did not find the command.
+    Raises a ClusterError saying so (runner itself never exits 127)."""
+    code = getattr(info, "driver_exit_code", None)
+    if code == NOT_FOUND or (code is None and _ENTRYPOINT_NOT_FOUND.search(str(info.message or ""))):
+        raise ClusterError(f"{submission_id}: `runner` is not installed on the head of the Ray cluster at {address}, "
+                           "or not on its PATH (the job's entrypoint exited 127, command not found); pip install "
+                           "runner in the cluster's Python environment, or set up the head's PATH (setup_commands "
+                           "in cluster.yaml)")
 
 
 @retry(retry=retry_if_exception(lambda e: "try again later" in str(e)), stop=stop_after_delay(90),

@@ -9,7 +9,8 @@ from collections import Counter, defaultdict
 import jinja2
 
 from runner.errors import StorageError
-from runner.output import JOB, MANIFEST, UnitStats, read_markers
+from runner.ledger import Ledger
+from runner.output import JOB, MANIFEST, UnitStats
 from runner.storage import Location, storage_errors
 
 REPORT = "_report.html"
@@ -150,11 +151,11 @@ def build_report(markers: list[UnitStats], job: dict | None, manifest: dict | No
 
 
 def write_report(loc: Location, markers: list[UnitStats] | None = None) -> str:
-    """Write `_report.html` into the output location (from `markers`, else those it holds); returns its URL."""
+    """Write `_report.html` into the output location (from `markers`, else its ledger's); returns its URL."""
     with storage_errors(f"{loc.url}: cannot read the job record"):
         job = loc.read_json(JOB) if loc.exists(JOB) else None
         manifest = loc.read_json(MANIFEST) if loc.exists(MANIFEST) else None
-    markers = read_markers(loc) if markers is None else markers
+    markers = Ledger.load(loc).stats if markers is None else markers
     if not markers and job is None:
         raise StorageError(f"{loc.url}: no runner job here (no {JOB}, no commit markers)")
     with storage_errors(f"{loc.url_of(REPORT)}: cannot write the report"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import re
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -115,6 +116,24 @@ class JobSpec(_Model):
                                  f"workers[{names.index(name)}]; each pool needs its own")
         return self
 
+    @model_validator(mode="after")
+    def _apart(self) -> "JobSpec":
+        """Outputs inside the input could be read as input; an input inside the output would be deleted by
+        --overwrite. Compared as URLs, without touching storage."""
+        if self.input.storage_options.get("endpoint_url") != self.output.storage_options.get("endpoint_url"):
+            return self  # two object stores: nothing can overlap
+        inp, out = _location(self.input.path), _location(self.output.path)
+        if inp == out:
+            raise ValueError(f"input.path {self.input.path} and output.path {self.output.path} are the same "
+                             "location; give the outputs a place of their own")
+        if _inside(out, inp):
+            raise ValueError(f"output.path {self.output.path} is inside input.path {self.input.path}: the job could "
+                             "read its own outputs as input; give the outputs a place of their own")
+        if _inside(inp, out):
+            raise ValueError(f"input.path {self.input.path} is inside output.path {self.output.path}: --overwrite "
+                             "would delete it; give the outputs a place of their own")
+        return self
+
     def units_per_lease(self, pool_index: int) -> int:
         """How many checkpoint units a replica of the pool takes from the queue at once."""
         return (self.workers[pool_index].unit_rows or self.unit_rows) // self.unit_rows
@@ -138,6 +157,25 @@ class JobSpec(_Model):
             "unit_rows": self.unit_rows,
         }
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_PROTOCOL_ALIASES = {None: "file", "local": "file", "s3a": "s3", "gcs": "gs"}
+
+
+def _location(url: str) -> tuple[str, str]:
+    """(protocol, normalized path) of a location; a glob stands for the directory before its first wildcard."""
+    from fsspec.core import split_protocol
+
+    protocol, path = split_protocol(url)
+    wildcard = min((i for i in map(path.find, "*?[") if i >= 0), default=-1)
+    if wildcard >= 0:
+        path = path[:wildcard].rpartition("/")[0] or "/"
+    return _PROTOCOL_ALIASES.get(protocol, protocol), posixpath.normpath(path).rstrip("/")
+
+
+def _inside(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether location `a` lies below location `b` (on a `/` boundary: in2/ is not inside in/)."""
+    return a[0] == b[0] and a[1].startswith(b[1] + "/")
 
 
 def load_spec(path: str | os.PathLike, env: dict[str, str] | None = None) -> tuple[JobSpec, dict]:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import posixpath
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -19,6 +18,7 @@ from fsspec.core import url_to_fs
 from pydantic import AfterValidator
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
+from runner.conditional import beside, conditional_writes, protocols
 from runner.errors import RunnerError, StorageError, first_line
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,7 @@ retrying = retry(
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
+    return bool(protocols(fs) & {"file", "local"})
 
 
 @dataclass
@@ -93,11 +92,35 @@ class Location:
         path = self.path(name)
         if is_local(self.fs):
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}")
+            tmp = beside(path)
             self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, path)
         else:
             self.fs.pipe_file(path, data)
+
+    @retrying
+    def read_versioned(self, name: str) -> tuple[bytes, str | None]:
+        """The object's bytes and its version, which `replace_if` and `remove_if` compare with: a hash of
+        the bytes on a local disk, the ETag on S3, the generation on GCS, None on other stores."""
+        return conditional_writes(self.fs).read(self.path(name))
+
+    @retrying
+    def create(self, name: str, data: bytes) -> bool:
+        """Write `name` only if it does not exist; False when it does. Atomic on a local disk, S3 and GCS;
+        elsewhere a check, then a write, so racing creators must read back to learn which one won."""
+        return conditional_writes(self.fs).create(self.path(name), data)
+
+    @retrying
+    def replace_if(self, name: str, data: bytes, version: str | None) -> bool:
+        """Replace `name` only if it is still at `version` (from `read_versioned`); False when it has
+        changed or is gone. Atomic on a local disk, S3 and GCS; elsewhere an unconditional write."""
+        return conditional_writes(self.fs).replace(self.path(name), data, version)
+
+    @retrying
+    def remove_if(self, name: str, version: str | None) -> bool:
+        """Remove `name` only if it is still at `version`; False when it has changed or is gone (as
+        `replace_if`)."""
+        return conditional_writes(self.fs).remove(self.path(name), version)
 
     @retrying
     def read_bytes(self, name: str) -> bytes:

@@ -7,71 +7,88 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-
-import pyarrow as pa
-import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from runner.batching import END, BatchLoop, UnitWork
 from runner.engines import create_engine
-from runner.errors import InputError
-from runner.output import OutputStore, output_table, unit_stats
-from runner.plan import Unit
-from runner.rows import read_rows
+from runner.errors import ModelError, RunnerError, first_line
+from runner.output import OutputStore
+from runner.reader import RowGroupReader
 from runner.spec import JobSpec
-from runner.storage import prime_parquet, retrying
+from runner.storage import prime_parquet
 
 log = logging.getLogger(__name__)
 
-
-class RowGroupReader:
-    """Reads a unit's row groups; keeps the last row group so slices of a large one are read once."""
-
-    def __init__(self, spec: JobSpec):
-        self.spec = spec
-        inp = spec.input
-        wanted = [inp.row_column, inp.sampling_column, inp.id_column, *inp.columns]
-        self.columns = list(dict.fromkeys(c for c in wanted if c))
-        self.cached: tuple[tuple, pa.Table] | None = None
-
-    @retrying
-    def _read(self, url: str, groups: tuple[int, ...]) -> pa.Table:
-        key = (url, groups)
-        if self.cached and self.cached[0] == key:
-            return self.cached[1]
-        fs, path = url_to_fs(url, **self.spec.input.storage_options)
-        with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_groups(list(groups), columns=self.columns)
-        self.cached = (key, table)
-        return table
-
-    def read(self, unit: Unit, attempt: int) -> UnitWork:
-        try:
-            table = self._read(unit.source_file, unit.row_groups).slice(unit.skip, unit.num_rows)
-        except (pa.ArrowInvalid, FileNotFoundError) as e:
-            raise InputError(f"{unit.source_file}: cannot read rows {unit.row_start}+{unit.num_rows} ({e})") from e
-        return UnitWork(unit, attempt, table, read_rows(table, self.spec))
+BEAT_S = 1.0  # how often a worker tells the coordinator whether its engine progresses
+COMMITS_PENDING = 2  # finished units waiting for the store before the engine loop waits too
+REFIND_S = 120.0  # how long a worker waits for the driver to replace a lost coordinator
 
 
-class UnitFeed:
-    """Background thread: leases units from the coordinator and reads them, `prefetch` ahead."""
+class CoordinatorGone(RunnerError):
+    """The coordinator was lost and no replacement came."""
 
-    def __init__(self, coordinator, reader: RowGroupReader, worker: str, prefetch: int, lease_units: int = 1):
-        self.coordinator, self.reader, self.worker, self.lease_units = coordinator, reader, worker, lease_units
-        self.ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        self.thread = threading.Thread(target=self._run, name=f"feed-{worker}", daemon=True)
-        self.thread.start()
 
-    def _run(self) -> None:
+class CoordinatorLink:
+    """The worker's handle on the coordinator. When the coordinator is lost, the driver starts another under
+    the same name; the link finds it, tells it which units this worker still holds, and retries the call."""
+
+    def __init__(self, handle, name: str, namespace: str, worker: str, held):
+        self.handle, self.name, self.namespace, self.worker, self.held = handle, name, namespace, worker, held
+        self.lock = threading.Lock()
+
+    def call(self, method: str, *args):
         import ray
 
         while True:
+            handle = self.handle
             try:
-                lease = ray.get(self.coordinator.next_units.remote(self.worker, self.lease_units))
-            except ray.exceptions.RayActorError:  # the job is being stopped: no more units
-                self.ready.put(END)
-                return
+                return ray.get(getattr(handle, method).remote(*args))
+            except ray.exceptions.RayActorError:
+                self._refind(handle)
+
+    def tell(self, method: str, *args) -> None:
+        """Fire and forget (a heartbeat): one lost with a lost coordinator does not matter."""
+        getattr(self.handle, method).remote(*args)
+
+    def _refind(self, dead) -> None:
+        import ray
+
+        with self.lock:
+            if self.handle is not dead:
+                return  # another thread found the new one
+            deadline = time.time() + REFIND_S
+            while time.time() < deadline:
+                try:
+                    found = ray.get_actor(self.name, namespace=self.namespace)
+                    if found._actor_id != dead._actor_id:
+                        ray.get(found.adopt.remote(self.worker, self.held()))
+                        self.handle = found
+                        log.warning("%s: the coordinator was replaced; carrying on", self.worker)
+                        return
+                except (ValueError, ray.exceptions.RayActorError):
+                    pass  # not started yet, or lost again
+                time.sleep(0.5)
+        raise CoordinatorGone(f"{self.worker}: the coordinator was lost and not replaced within {REFIND_S:.0f}s")
+
+
+class UnitFeed:
+    """Background thread: leases units from the coordinator and reads them, `prefetch` ahead. Its own
+    failure reaches the engine loop through the queue, so the loop never waits on a dead thread."""
+
+    def __init__(self, link: CoordinatorLink, reader: RowGroupReader, worker, prefetch: int, lease_units: int = 1):
+        self.link, self.reader, self.worker, self.lease_units = link, reader, worker, lease_units
+        self.ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.thread = threading.Thread(target=self._run, name=f"feed-{worker.name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._lease_and_read()
+        except Exception as e:  # handed to the loop, which raises it
+            self.ready.put(e)
+
+    def _lease_and_read(self) -> None:
+        while True:
+            lease = self.link.call("next_units", self.worker.identity, self.lease_units)
             if lease.state == "done":
                 self.ready.put(END)
                 return
@@ -79,74 +96,149 @@ class UnitFeed:
                 time.sleep(0.2)
                 continue
             for unit, attempt in zip(lease.units, lease.attempts):
+                self.worker.hold(unit.id, attempt)
                 try:
                     self.ready.put(self.reader.read(unit, attempt))
                 except Exception as e:
-                    log.warning("%s: %s", self.worker, e)
-                    self.coordinator.fail.remote(self.worker, unit.id, f"read_error: {e}")
+                    log.warning("%s: %s", self.worker.name, e)
+                    self.worker.settle(unit.id, "fail", f"read_error: {e}")
 
     def get(self, block: bool):
         try:
-            return self.ready.get(block=block, timeout=None if block else 0)
+            item = self.ready.get(block=block, timeout=None if block else 0)
         except queue.Empty:
             return None
+        if isinstance(item, Exception):
+            raise item
+        return item
 
 
 class Worker:
-    """One engine, fed by a UnitFeed; finished units are committed on a writer thread."""
+    """One engine, fed by a UnitFeed; finished units are committed on a writer thread.
 
-    def __init__(self, spec: JobSpec, pool_index: int, replica: int, coordinator, run_id: str):
+    `identity` names this incarnation (a replacement gets another), `name` the replica (pool-replica) that
+    commit markers record. The engine is built in `run`, so a model that cannot load is a ModelError the
+    driver sees as such; from then on a heartbeat says how long the engine has held work without progress.
+    """
+
+    def __init__(self, spec: JobSpec, pool_index: int, replica: int, coordinator, run_id: str,
+                 identity: str | None = None, namespace: str = ""):
         import ray
 
         self.pool_index, self.pool = pool_index, spec.pool_names()[pool_index]
         self.name = f"{self.pool}-{replica}"
-        self.spec, self.coordinator, self.run_id = spec, coordinator, run_id
+        self.identity = identity or self.name
+        self.spec, self.run_id = spec, run_id
+        self.held: dict[str, int] = {}  # unit id -> attempt, leased and not yet settled
+        self.held_lock = threading.Lock()
+        self.link = CoordinatorLink(coordinator, "coordinator", namespace, self.identity, self.held_units)
         self.node = ray.get_runtime_context().get_node_id()
         threading.Thread(target=_exit_with_raylet, args=(os.getppid(), self.name), daemon=True).start()
-        self.engine = create_engine(spec.workers[pool_index], spec)
-        prime_parquet()
+        self.engine = None
+        self.loop: BatchLoop | None = None
         self.store = OutputStore(spec)
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        self.commits: queue.Queue = queue.Queue(maxsize=COMMITS_PENDING)
+        self.waiting_on_store = False
+        self.writer_error: BaseException | None = None
         self.tokens = 0
 
     def __repr__(self) -> str:  # Ray shows it in the dashboard and before each of this actor's log lines
-        return f"Worker({self.name})"
+        return f"Worker({self.identity})"
+
+    def load(self) -> None:
+        pool = self.spec.workers[self.pool_index]
+        try:
+            self.engine = create_engine(pool, self.spec)
+        except Exception as e:
+            model = getattr(pool, "model", None) or pool.engine
+            why = first_line(e).removeprefix(f"{model}: ")
+            raise ModelError(f"pool {self.pool}: cannot load {model}: {why}") from None
+        prime_parquet()
 
     def run(self) -> dict:
-        """Work until the coordinator has nothing left; returns this worker's totals."""
+        """Load the engine, then work until the coordinator has nothing left; returns this worker's totals."""
+        self.load()
         started = time.time()
-        feed = UnitFeed(self.coordinator, RowGroupReader(self.spec), self.name, self.spec.prefetch_units,
+        writer = threading.Thread(target=self._commit_loop, name="commit", daemon=True)
+        writer.start()
+        feed = UnitFeed(self.link, RowGroupReader(self.spec), self, self.spec.prefetch_units,
                         self.spec.units_per_lease(self.pool_index))
+        self.loop = BatchLoop(self.engine, feed, self._commit_later, self.spec.sampling)
+        stop_beat = threading.Event()
+        threading.Thread(target=self._beat, args=(stop_beat,), name="beat", daemon=True).start()
         try:
-            BatchLoop(self.engine, feed, self._commit_later, self.spec.sampling).run()  # close() waits for commits
+            self.loop.run()
+            self._commit_later(None)
+            writer.join()
+            if self.writer_error is not None:
+                raise self.writer_error
         finally:
-            self.close()
-        wall = time.time() - started
-        return {"worker": self.name, "completion_tokens": self.tokens, "wall_s": wall}
+            stop_beat.set()
+            self.engine.close()
+        return {"worker": self.identity, "completion_tokens": self.tokens, "wall_s": time.time() - started}
 
-    def _commit_later(self, work: UnitWork) -> None:
-        self.writer.submit(self._commit, work)
+    def stalled_s(self) -> float:
+        """Seconds the engine has held requests without a step returning; 0 while idle or waiting on the store."""
+        loop = self.loop
+        if loop is None or not loop.owners or self.waiting_on_store:
+            return 0.0
+        return max(0.0, time.monotonic() - loop.last_progress)
+
+    def _beat(self, stop: threading.Event) -> None:
+        while not stop.wait(BEAT_S):
+            self.link.tell("beat", self.identity, self.stalled_s())
+
+    def hold(self, unit_id: str, attempt: int) -> None:
+        with self.held_lock:
+            self.held[unit_id] = attempt
+
+    def held_units(self) -> list[tuple[str, int]]:
+        with self.held_lock:
+            return list(self.held.items())
+
+    def settle(self, unit_id: str, how: str, arg) -> None:
+        """Report a unit committed (`complete`, its stats) or failed (`fail`, the error); it is no longer held."""
+        with self.held_lock:
+            self.held.pop(unit_id, None)
+        if how == "complete":
+            self.link.call("complete", self.identity, arg)
+        else:
+            self.link.call("fail", self.identity, unit_id, arg)
+
+    def _commit_later(self, work: UnitWork | None) -> None:
+        """Queue a finished unit (None: the end) for the writer; with COMMITS_PENDING already queued, the
+        engine loop waits, and says so to the stall check."""
+        self.waiting_on_store = True
+        try:
+            while self.writer_error is None:
+                try:
+                    self.commits.put(work, timeout=1.0)
+                    return
+                except queue.Full:
+                    continue
+            raise self.writer_error
+        finally:
+            self.waiting_on_store = False
+
+    def _commit_loop(self) -> None:
+        try:
+            while (work := self.commits.get()) is not None:
+                self._commit(work)
+        except BaseException as e:  # the engine loop raises it at its next commit
+            self.writer_error = e
 
     def _commit(self, work: UnitWork) -> None:
         unit = work.unit
         try:
-            table = output_table(self.spec, unit, work.inputs, work.results)
-            stats = unit_stats(unit, work.results, pool=self.pool, worker=self.name, node=self.node,
-                               run_id=self.run_id, attempt=work.attempt, started_at=work.started_at,
-                               finished_at=time.time())
-            self.store.commit(unit, table, stats)
+            stats = self.store.commit_results(
+                unit, work.inputs, work.results, pool=self.pool, worker=self.name, node=self.node,
+                run_id=self.run_id, attempt=work.attempt, started_at=work.started_at, finished_at=time.time())
         except Exception as e:
             log.error("%s: commit of %s failed: %s", self.name, unit.id, e)
-            self.coordinator.fail.remote(self.name, unit.id, f"commit_error: {e}")
+            self.settle(unit.id, "fail", f"commit_error: {e}")
             return
         self.tokens += stats.completion_tokens
-        totals = {"rows": stats.rows, "rows_ok": stats.rows_ok, "rows_failed": stats.rows_failed,
-                  "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens}
-        self.coordinator.complete.remote(self.name, unit.id, totals, self.pool)
-
-    def close(self) -> None:
-        self.writer.shutdown(wait=True)
-        self.engine.close()
+        self.settle(unit.id, "complete", stats)
 
 
 def _exit_with_raylet(raylet_pid: int, name: str) -> None:

@@ -99,6 +99,23 @@ def _model_not_gguf(t, m):
     return spec_text(t, t / "model.gguf")
 
 
+def _model_cut_short(t, m):
+    good_input(t)
+    with open(m, "rb") as f:
+        (t / "cut.gguf").write_bytes(f.read(24))  # the counts, then nothing of what they count
+    return spec_text(t, m).replace(str(m), str(t / "cut.gguf"))
+
+
+def _output_inside_input(t, m):
+    good_input(t)
+    return spec_text(t, m, out=t / "in" / "out")
+
+
+def _input_inside_output(t, m):
+    good_input(t)
+    return spec_text(t, m, out=t)
+
+
 def _output_not_writable(t, m):
     good_input(t)
     (t / "blocker").write_text("a file where a directory should be")
@@ -143,6 +160,11 @@ CASES = [
     ("schema differs across shards", _schemas_differ, 3, "{t}/in/b.parquet: column 'id' has type string but "),
     ("model file missing", _model_missing, 4, "workers[0].model: {m}.missing does not exist"),
     ("model file not a GGUF", _model_not_gguf, 4, "workers[0].model: {t}/model.gguf is not a GGUF file"),
+    ("model file cut short", _model_cut_short, 4, "workers[0].model: {t}/cut.gguf ends inside its header"),
+    ("output inside input", _output_inside_input, 2,
+     "{t}/job.yaml: output.path {t}/in/out is inside input.path {t}/in: the job could read its own outputs"),
+    ("input inside output", _input_inside_output, 2,
+     "{t}/job.yaml: input.path {t}/in is inside output.path {t}: --overwrite would delete it"),
     ("output location not writable", _output_not_writable, 5, "output.path: {t}/blocker/out is not writable"),
     ("${VAR} not set", _var_not_set, 2, "output.path: environment variable RUNNER_TEST_NEVER_SET is not set"),
     ("not YAML", _not_yaml, 2, "{t}/job.yaml: line 2 not valid YAML"),

@@ -15,49 +15,67 @@ from runner.spec import load_spec, parse_spec
 from conftest import slow_echo_job, vllm_pool, write_shard
 
 
-def worker_pids() -> list[int]:
-    """Processes of live worker actors: Ray titles each `ray::Worker...`."""
+def processes(title: bytes) -> list[int]:
+    """Processes whose title starts with `title`: Ray titles an actor's process `ray::Class...`."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                title = (entry / "cmdline").read_bytes().split(b"\0")[0]
+                if (entry / "cmdline").read_bytes().split(b"\0")[0].startswith(title):
+                    pids.append(int(entry.name))
             except OSError:
                 continue
-            if title.startswith(b"ray::Worker"):
-                pids.append(int(entry.name))
     return pids
 
 
-def run_until_commits(spec, resolved, out: Path, commits: int, timeout: float = 120):
-    """Start the job on a thread; once `commits` units are committed, return the thread, the dict that gets
-    its manifest, the pids of this job's worker processes and the units committed so far."""
+def worker_pids() -> list[int]:
+    return processes(b"ray::Worker")
+
+
+def run_until_commits(spec, resolved, out: Path, commits: int, timeout: float = 120, title: bytes = b"ray::Worker",
+                      running: int = 1):
+    """Start the job on a thread; once `commits` units are committed and `running` of this job's processes
+    titled `title` are up, return the thread, the dict that gets its manifest, those processes' pids and
+    the units committed so far."""
     result: dict = {}
-    others = set(worker_pids())  # not this job's
+    others = set(processes(title))  # not this job's
     runner = threading.Thread(target=lambda: result.update(run_job(spec, resolved, RunOptions(progress=False))))
     runner.start()
     markers = out / "_commits"
+
+    def scene() -> tuple[list[int], int]:
+        return ([pid for pid in processes(title) if pid not in others],
+                len(list(markers.iterdir())) if markers.exists() else 0)
+
     deadline = time.time() + timeout
-    while (not markers.exists() or len(list(markers.iterdir())) < commits) and time.time() < deadline:
+    while time.time() < deadline and (len(scene()[0]) < running or scene()[1] < commits):
         time.sleep(0.05)
-    victims = [pid for pid in worker_pids() if pid not in others]
-    return runner, result, victims, len(list(markers.iterdir())) if markers.exists() else 0
+    return runner, result, *scene()
+
+
+def kill_first(runner: threading.Thread, victims: list[int], ok: bool) -> None:
+    """SIGKILL the first victim once `ok` says the scene is as the test needs, then wait for the job."""
+    if not ok:
+        runner.join(timeout=300)  # never leave the job running into the next test
+    assert ok, victims
+    os.kill(victims[0], signal.SIGKILL)
+    runner.join(timeout=300)
+
+
+def source_rows(out: Path) -> list[int]:
+    return sorted(pq.read_table(out, columns=["source_row"]).column("source_row").to_pylist())
 
 
 def test_a_worker_killed_by_pid_has_its_units_redone_elsewhere(ray_local, tmp_path):
     rows = 40
     spec, resolved = load_spec(slow_echo_job(tmp_path, "faults", rows, step_s=0.1, replicas=2, num_cpus=0.5))
-    runner, result, victims, _ = run_until_commits(spec, resolved, tmp_path / "out", 4)
+    runner, result, victims, _ = run_until_commits(spec, resolved, tmp_path / "out", 4, running=2)
     commits = tmp_path / "out" / "_commits"
-    if len(victims) != 2:
-        runner.join(timeout=300)  # never leave the job running into the next test
-    assert len(victims) == 2, victims
-    os.kill(victims[0], signal.SIGKILL)
-    runner.join(timeout=300)
+    kill_first(runner, victims, len(victims) == 2)
 
     assert result["status"] == "succeeded" and result["units_committed"] == rows
-    ids = pq.read_table(tmp_path / "out", columns=["source_row"]).column("source_row").to_pylist()
-    assert sorted(ids) == list(range(rows))  # nothing lost, nothing twice
+    ids = source_rows(tmp_path / "out")
+    assert ids == list(range(rows))  # nothing lost, nothing twice
     markers = [json.loads(p.read_text()) for p in commits.iterdir()]
     assert any(m["attempt"] == 2 for m in markers)  # what the killed worker held was done again
     print(f"rows in {rows}, out {len(ids)}; units redone: {sum(m['attempt'] == 2 for m in markers)}")
@@ -79,11 +97,8 @@ def test_a_vllm_replica_killed_by_pid_has_its_units_redone(ray_local, tiny_hf_mo
         "workers": [vllm_pool(tiny_hf_model, engine_args={"max_num_seqs": 2})]}, env={})
     runner, result, victims, at_kill = run_until_commits(spec, resolved, tmp_path / "out", 2, timeout=180)
     commits = tmp_path / "out" / "_commits"
-    if len(victims) != 1 or at_kill >= rows // 4:
-        runner.join(timeout=300)  # never leave the job running into the next test
-    assert len(victims) == 1 and at_kill < rows // 4, (victims, at_kill)
-    os.kill(victims[0], signal.SIGKILL)  # vLLM's engine core and model worker lose their parent with it
-    runner.join(timeout=300)
+    # vLLM's engine core and model worker lose their parent with it
+    kill_first(runner, victims, len(victims) == 1 and at_kill < rows // 4)
 
     assert result["status"] == "succeeded" and result["units_committed"] == rows // 4
     out = pq.read_table(tmp_path / "out").to_pylist()
@@ -140,7 +155,7 @@ def test_failed_rows_over_max_failed_rows_stop_the_job_with_one_line(ray_local, 
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["status"] == "failed" and not (tmp_path / "out" / "_SUCCESS").exists()
 
-    job = poison_job(tmp_path, 40, 5, max_failed_rows=0.2)  # a fraction: 4 of 40 is within 8
+    job.write_text(job.read_text().replace("max_failed_rows: 2\n", "max_failed_rows: 0.2\n"))  # 4 of 40 < 8
     result = CliRunner().invoke(main, ["submit", str(job), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["status"] == "succeeded"
@@ -298,3 +313,84 @@ def test_the_s3_endpoint_down_for_30s_mid_job_is_ridden_out(ray_local, s3_server
     assert result["units_this_run"] == rows
     print(f"rows in {rows}, out {len(ids)}; {at_stop} units committed when the endpoint went away, "
           f"job took {time.time() - started:.1f}s")
+
+
+def test_the_coordinator_killed_by_pid_is_replaced_and_the_job_completes_exactly_once(ray_local, tmp_path, caplog):
+    rows = 40
+    spec, resolved = load_spec(slow_echo_job(tmp_path, "coord", rows, step_s=0.1, replicas=2, num_cpus=0.5))
+    runner, result, victims, committed = run_until_commits(spec, resolved, tmp_path / "out", 4,
+                                                           title=b"ray::Coordinator")
+    kill_first(runner, victims, len(victims) == 1)
+
+    assert result["status"] == "succeeded" and result["units_committed"] == rows
+    assert source_rows(tmp_path / "out") == list(range(rows))  # nothing lost, nothing twice
+    assert "the coordinator was lost" in caplog.text
+    assert "lost (" not in caplog.text.replace("the coordinator was lost (", "")  # the workers carried on
+    print(f"rows in {rows}, out {rows}; coordinator killed after {committed} commits")
+
+
+def hang_job(tmp_path: Path, rows: int, hang_rows: list[int], **job) -> Path:
+    """An echo job whose engine hangs for good (a deadlock, not a crash) on each row that says HANG."""
+    prompts = [f"row {i} is fine" for i in range(rows)]
+    for r in hang_rows:
+        prompts[r] = "row HANG never finishes"
+    return slow_echo_job(tmp_path, "hang", rows, step_s=0.02, prompts=prompts,
+                         job={"unit_rows": 4, "max_attempts": 2, **job}, parallel=4, num_cpus=0.5, replicas=2,
+                         stall_timeout_s=2, engine_args={"hang_on": "HANG"})
+
+
+def test_a_stalled_engine_is_killed_and_its_unit_written_as_failed_after_its_attempts(ray_local, tmp_path):
+    rows, hang = 32, 13
+    spec, resolved = load_spec(hang_job(tmp_path, rows, [hang]))
+    started = time.time()
+    manifest = run_job(spec, resolved, RunOptions(progress=False))
+
+    assert manifest["status"] == "succeeded" and manifest["units_committed"] == 8
+    out = pq.read_table(tmp_path / "out").to_pylist()
+    assert sorted(r["source_row"] for r in out) == list(range(rows))  # every row once
+    assert sorted(r["source_row"] for r in out if r["error"]) == [12, 13, 14, 15]
+    error = next(r["error"] for r in out if r["source_row"] == hang)
+    assert error.startswith("unit_failed: after 2 attempts: worker echo0-") and "stalled: its engine made no " \
+                                                                              "progress for " in error, error
+    print(f"rows in {rows}, out {len(out)}; {time.time() - started:.1f}s; {error[:110]}")
+
+
+def test_a_job_whose_engine_stalls_on_every_row_ends_with_one_line_naming_the_pool(ray_local, tmp_path):
+    from click.testing import CliRunner
+
+    from runner.cli import main
+
+    job = hang_job(tmp_path, 16, list(range(16)), max_attempts=2)
+    started = time.time()
+    result = CliRunner().invoke(main, ["submit", str(job), "--no-progress"])
+    assert result.exit_code == 7, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: job hang: pool echo0 stalled: its engine made no progress for 2s "
+                           "(stall_timeout_s), 3 times in a row;"), line
+    assert "Traceback" not in result.output
+    print(f"{time.time() - started:.1f}s: {line}")
+
+
+def test_a_model_that_validates_but_cannot_load_ends_the_job_with_one_line(ray_local, tiny_model, tmp_path):
+    """A GGUF whose header is whole but names an architecture llama.cpp lacks: every replica fails to load."""
+    from click.testing import CliRunner
+
+    from runner.cli import main
+
+    data = Path(tiny_model).read_bytes()
+    at = data.index(b"general.architecture") + len(b"general.architecture") + 12  # after the type and length
+    assert data[at:at + 5] == b"llama"
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data[:at] + b"llamb" + data[at + 5:])
+    write_shard(tmp_path / "in.parquet", [f"hello {i}" for i in range(8)])
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: badmodel\ninput: {{path: {tmp_path / 'in.parquet'}}}\noutput: {{path: {tmp_path / 'out'}}}\n"
+                   f"unit_rows: 4\nworkers:\n  - {{engine: llamacpp, model: {bad}, n_ctx: 64, replicas: 2, "
+                   "num_cpus: 0.5}\n")
+    result = CliRunner().invoke(main, ["submit", str(job), "--no-progress"])
+    assert result.exit_code == 4, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith(f"error: pool llamacpp0: cannot load {bad}: "), line
+    assert "Traceback" not in result.output and result.output.count("cannot load") == 1
+    assert not list((tmp_path / "out").glob("_commits/*"))
+    print(line)

@@ -222,8 +222,9 @@ def test_chat_rows_with_per_row_sampling(ray_local, tiny_model, tmp_path):
 def test_two_pools_share_one_queue_with_their_own_lease_sizes(ray_local, tiny_model, tmp_path):
     """An echo pool leasing 3 units at a time and a llama.cpp pool leasing 1 pull from one queue; every
     unit is still committed on its own, and every row is written exactly once."""
-    shards = make_inputs(tmp_path)
-    spec, resolved = job(tiny_model, str(tmp_path), str(tmp_path / "out"), unit_rows=4, workers=[
+    (tmp_path / "in").mkdir()
+    shards = make_inputs(tmp_path / "in")
+    spec, resolved = job(tiny_model, str(tmp_path / "in"), str(tmp_path / "out"), unit_rows=4, workers=[
         {"engine": "echo", "name": "fast", "num_cpus": 0.5, "unit_rows": 12, "engine_args": {"step_s": 0.02}},
         {"engine": "llamacpp", "name": "cpu", "model": tiny_model, "num_cpus": 1, "n_ctx": 64, "parallel": 4},
     ])
@@ -238,8 +239,9 @@ def test_two_pools_share_one_queue_with_their_own_lease_sizes(ray_local, tiny_mo
 def test_a_pool_no_node_can_hold_fails_at_once_on_the_embedded_ray(ray_local, tiny_model, tmp_path):
     from runner.errors import JobFailedError
 
-    make_inputs(tmp_path)
-    spec, resolved = job(tiny_model, str(tmp_path), str(tmp_path / "out"),
+    (tmp_path / "in").mkdir()
+    make_inputs(tmp_path / "in")
+    spec, resolved = job(tiny_model, str(tmp_path / "in"), str(tmp_path / "out"),
                          workers=[{"engine": "echo", "accelerator_type": "H100"}])
     with pytest.raises(JobFailedError, match=r"pool echo0: one replica needs .*'accelerator_type:H100'"):
         run_job(spec, resolved, RunOptions(dashboard=False, progress=False))

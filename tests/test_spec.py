@@ -46,6 +46,32 @@ def test_errors_name_the_key(over, message):
     assert str(e.value) == f"job.yaml: {message}"
 
 
+@pytest.mark.parametrize("inp, out, message", [
+    ("/d/in/", "/d/in/out/", "output.path /d/in/out/ is inside input.path /d/in/: the job could read its own outputs"),
+    ("/d/in/*.parquet", "/d/in/out", "output.path /d/in/out is inside input.path /d/in/*.parquet:"),
+    ("s3://b/in", "s3://b/in/out", "output.path s3://b/in/out is inside input.path s3://b/in:"),
+    ("file:///d/in", "/d/in/out", "output.path /d/in/out is inside input.path file:///d/in:"),
+    ("/d/out/a.parquet", "/d/out", "input.path /d/out/a.parquet is inside output.path /d/out: --overwrite would"),
+    ("/d/out/sub/", "/d/out/", "input.path /d/out/sub/ is inside output.path /d/out/: --overwrite would delete it"),
+    ("/d/x/", "/d/x", "input.path /d/x/ and output.path /d/x are the same location"),
+])
+def test_output_and_input_must_not_overlap(inp, out, message):
+    with pytest.raises(SpecError) as e:
+        parse(input={"path": inp}, output={"path": out})
+    assert str(e.value).startswith(f"job.yaml: {message}") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("inp, out", [
+    ("/d/in/", "/d/in2/"),  # a prefix, but not on a / boundary
+    ("/d/in2/*.parquet", "/d/in/out"),
+    ("/d/in/", "/d/out/in/"),
+    ("s3://b/in/", "/b/in/out/"),  # another protocol
+])
+def test_locations_apart_pass(inp, out):
+    spec, _ = parse(input={"path": inp}, output={"path": out})
+    assert spec.output.path == out
+
+
 def test_env_vars_resolved_and_never_saved():
     spec, redacted = parse(output={"path": "s3://${HOST}/out", "storage_options": {"secret": "${SECRET}",
                                                                                    "key": "literal-key"}})

@@ -15,18 +15,22 @@ class EchoEngine:
     """Generates the prompt's own words (a chat row's last message), one word a token, `capacity` rows a step.
 
     engine_args: `step_s` sleeps that long each step (to model a slow engine); `crash_on` ends the whole
-    process, as a native crash would, when a prompt contains that text (a poison row).
+    process, as a native crash would, when a prompt contains that text (a poison row); `hang_on` makes the
+    step never return, as a deadlocked native engine would.
     """
 
-    def __init__(self, capacity: int = 8, step_s: float = 0.0, crash_on: str | None = None):
+    def __init__(self, capacity: int = 8, step_s: float = 0.0, crash_on: str | None = None,
+                 hang_on: str | None = None):
         self.capacity = capacity
         self.step_s = step_s
         self.crash_on = crash_on
+        self.hang_on = hang_on
         self.queue: deque[Request] = deque()
 
     @classmethod
     def from_pool(cls, pool: EchoPool, spec: JobSpec) -> "EchoEngine":
-        return cls(capacity=pool.parallel, step_s=pool.engine_args.step_s, crash_on=pool.engine_args.crash_on)
+        args = pool.engine_args
+        return cls(capacity=pool.parallel, step_s=args.step_s, crash_on=args.crash_on, hang_on=args.hang_on)
 
     def add(self, request: Request) -> None:
         self.queue.append(request)
@@ -45,6 +49,8 @@ class EchoEngine:
             r = self.queue.popleft()
             if self.crash_on and r.prompt and self.crash_on in r.prompt:
                 os._exit(70)  # no exception, no cleanup: what a segfault in a native engine looks like
+            while self.hang_on and r.prompt and self.hang_on in r.prompt:
+                time.sleep(3600)
             words = (r.prompt if r.messages is None else r.messages[-1]["content"]).split()
             out = words[: r.sampling.max_tokens]
             reason = "length" if len(words) > r.sampling.max_tokens else "stop"

@@ -72,7 +72,7 @@ def reference(tiny_hf_model) -> dict:
 @pytest.fixture(scope="module")
 def spec(tiny_hf_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("vllm-out")
-    return parse_spec({"name": "v", "input": {"path": str(out)}, "output": {"path": str(out)},
+    return parse_spec({"name": "v", "input": {"path": str(out / "in")}, "output": {"path": str(out / "o")},
                        "workers": [vllm_pool(tiny_hf_model, engine_args={"max_num_seqs": 4})]}, {})[0]
 
 
@@ -162,7 +162,7 @@ def test_abort_drops_a_request(engine):
 
 def test_a_model_vllm_cannot_load_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["NoSuchModelForCausalLM"], "model_type": "nope"}')
-    spec = parse_spec({"name": "v", "input": {"path": str(tmp_path)}, "output": {"path": str(tmp_path / "o")},
+    spec = parse_spec({"name": "v", "input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "o")},
                        "workers": [vllm_pool(str(tmp_path))]}, {})[0]
     with pytest.raises(EngineError, match=f"vLLM could not start {tmp_path} \\(.*"):
         create_engine(spec.workers[0], spec)
