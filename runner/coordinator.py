@@ -92,8 +92,9 @@ class Coordinator:
         if state is UnitState.QUEUED:
             (self.retries if track.attempts else self.fresh).append(track.unit.id)
 
-    def _lease(self, worker: str, track: Track) -> None:
-        track.attempts += 1
+    def _lease(self, worker: str, track: Track, attempt: int | None = None) -> None:
+        """Lease on a new attempt, or (`attempt`) on the one a surviving worker is already running."""
+        track.attempts = track.attempts + 1 if attempt is None else max(track.attempts, attempt)
         self.tried.add(track.unit.id)
         self._move(track, UnitState.LEASED, worker)
 
@@ -133,8 +134,7 @@ class Coordinator:
         for uid, attempt in held:
             track = self.tracks.get(uid)
             if track is not None and track.state is UnitState.QUEUED and worker not in self.lost:
-                track.attempts = max(track.attempts, attempt) - 1
-                self._lease(worker, track)
+                self._lease(worker, track, attempt)
 
     def complete(self, worker: str, stats: UnitStats) -> None:
         """The unit is committed (its marker is written): done, whoever reports it."""

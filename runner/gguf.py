@@ -1,5 +1,6 @@
 """A GGUF model's header, read through fsspec (any URL), and the check that llama.cpp could load it: a
-readable header and every tensor's data inside the file. Only the header is read, never the weights."""
+readable header and every tensor's data inside the file. Only the header is read, never the weights
+(gguf-py's GGUFReader memory-maps a whole local file); the format's constants are gguf-py's."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ from runner.errors import ModelError
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # llama.cpp refuses version 1 and any newer than it knows
-DEFAULT_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT, when general.alignment is absent
 MAX_DIMS = 4  # GGML_MAX_DIMS
 _CHUNK = 1 << 20
-# GGUF value types with a fixed size (uint8 .. float64, bool); STRING and ARRAY carry their own lengths.
-_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_UINT32, _STRING, _ARRAY = 4, 8, 9
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+
+
+def _value_sizes() -> dict[int, int]:
+    """Bytes of each GGUF value type with a fixed size (uint8 .. float64, bool); STRING and ARRAY carry their
+    own lengths."""
+    import numpy as np
+    from gguf.gguf_reader import GGUFReader
+
+    return {int(t): np.dtype(d).itemsize for t, d in GGUFReader.gguf_scalar_to_np.items()}
 
 
 @dataclass(frozen=True)
@@ -132,31 +138,35 @@ def read_header(f, where: str) -> GGUFHeader:
 
 def _read_kvs(r: _Reader, n_kv: int, where: str) -> int:
     """Skip every key-value pair; returns general.alignment, or the default when it is absent."""
-    alignment = DEFAULT_ALIGNMENT
+    from gguf.constants import GGUF_DEFAULT_ALIGNMENT, GGUFValueType
+
+    alignment, fixed = GGUF_DEFAULT_ALIGNMENT, _value_sizes()
     for _ in range(n_kv):
         key, vtype = r.string(), r.u32()
-        if key == b"general.alignment" and vtype == _UINT32:
+        if key == b"general.alignment" and vtype == GGUFValueType.UINT32:
             alignment = r.u32()
             if alignment == 0 or alignment & (alignment - 1):
                 raise ModelError(f"{where} is not a loadable GGUF: general.alignment is {alignment}, "
                                  "not a power of two")
         else:
-            _skip_value(r, vtype, where)
+            _skip_value(r, vtype, fixed, where)
     return alignment
 
 
-def _skip_value(r: _Reader, vtype: int, where: str) -> None:
-    if vtype in _FIXED:
-        r.skip(_FIXED[vtype])
-    elif vtype == _STRING:
+def _skip_value(r: _Reader, vtype: int, fixed: dict[int, int], where: str) -> None:
+    from gguf.constants import GGUFValueType
+
+    if vtype in fixed:
+        r.skip(fixed[vtype])
+    elif vtype == GGUFValueType.STRING:
         r.skip(r.u64())
-    elif vtype == _ARRAY:
+    elif vtype == GGUFValueType.ARRAY:
         item, n = r.u32(), r.u64()
-        if item in _FIXED:
-            r.skip(n * _FIXED[item])
+        if item in fixed:
+            r.skip(n * fixed[item])
         else:
             for _ in range(n):  # strings (or nested arrays) each carry their own length
-                _skip_value(r, item, where)
+                _skip_value(r, item, fixed, where)
     else:
         raise ModelError(f"{where} is not a loadable GGUF: unknown metadata value type {vtype} at byte "
                          f"{r.tell() - 4}")

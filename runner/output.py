@@ -96,9 +96,10 @@ class OutputStore:
         with storage_errors(f"output.path: {self.loc.url}"):
             if overwrite:
                 self.loc.remove_all(keep=(LOCK,))  # the lock is this driver's own
-            resuming = self.loc.exists(JOB)  # not a listing: a resumed job's location holds every part
+            earlier = self.job_record()  # not a listing: a resumed job's location holds every part
+            resuming = earlier is not None
             if resuming:
-                self._check_same_job(self.loc.read_json(JOB), plan)
+                self._check_same_job(earlier, plan)
             elif any(not n.startswith(("_", ".")) for n in self.loc.list()):
                 raise JobConflictError(
                     f"output.path: {self.loc.url} holds files but no runner job; use --overwrite to replace them"

@@ -101,7 +101,7 @@ class UnitFeed:
                     self.ready.put(self.reader.read(unit, attempt))
                 except Exception as e:
                     log.warning("%s: %s", self.worker.name, e)
-                    self.worker.settle(unit.id, "fail", f"read_error: {e}")
+                    self.worker.failed(unit.id, f"read_error: {e}")
 
     def get(self, block: bool):
         try:
@@ -196,14 +196,19 @@ class Worker:
         with self.held_lock:
             return list(self.held.items())
 
-    def settle(self, unit_id: str, how: str, arg) -> None:
-        """Report a unit committed (`complete`, its stats) or failed (`fail`, the error); it is no longer held."""
+    def _release(self, unit_id: str) -> None:
         with self.held_lock:
             self.held.pop(unit_id, None)
-        if how == "complete":
-            self.link.call("complete", self.identity, arg)
-        else:
-            self.link.call("fail", self.identity, unit_id, arg)
+
+    def completed(self, stats) -> None:
+        """Report a unit committed (with its stats); it is no longer held."""
+        self._release(stats.unit_id)
+        self.link.call("complete", self.identity, stats)
+
+    def failed(self, unit_id: str, error: str) -> None:
+        """Report a unit that could not be read or committed; it is no longer held."""
+        self._release(unit_id)
+        self.link.call("fail", self.identity, unit_id, error)
 
     def _commit_later(self, work: UnitWork | None) -> None:
         """Queue a finished unit (None: the end) for the writer; with COMMITS_PENDING already queued, the
@@ -235,10 +240,10 @@ class Worker:
                 run_id=self.run_id, attempt=work.attempt, started_at=work.started_at, finished_at=time.time())
         except Exception as e:
             log.error("%s: commit of %s failed: %s", self.name, unit.id, e)
-            self.settle(unit.id, "fail", f"commit_error: {e}")
+            self.failed(unit.id, f"commit_error: {e}")
             return
         self.tokens += stats.completion_tokens
-        self.settle(unit.id, "complete", stats)
+        self.completed(stats)
 
 
 def _exit_with_raylet(raylet_pid: int, name: str) -> None:
