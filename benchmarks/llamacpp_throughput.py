@@ -21,7 +21,6 @@ import os
 import random
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -30,14 +29,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 from runner.engines.base import Request
 from runner.engines.llamacpp import LlamaCppEngine
 from runner.spec import Sampling
 from runner.tinymodel import _WORDS, TinyConfig, write_tiny_gguf
 
-from measure import Row  # benchmarks/measure.py, beside this script
+from measure import Row, submit  # benchmarks/measure.py, beside this script
 
 MODEL_125M = TinyConfig(n_embd=768, n_layer=12, n_head=12, n_head_kv=4, n_ff=2048, n_vocab=32000, quant="Q8_0")
 
@@ -114,15 +112,7 @@ def run_job(workdir: Path, name: str, model: str, prompts: list[str], new_tokens
         "unit_rows": unit_rows,
         "prefetch_units": 2,
     }
-    job = workdir / f"{name}.yaml"
-    job.write_text(yaml.safe_dump(spec))
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "runner.cli", "submit", str(job), "--overwrite", "--no-progress",
-                           "--no-dashboard"], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if proc.returncode:
-        raise SystemExit(f"job {name} failed:\n{proc.stdout}\n{proc.stderr}")
-    manifest = json.loads((workdir / f"{name}-out" / "_manifest.json").read_text())
+    seconds, manifest = submit(spec, workdir / f"{name}.yaml", workdir / f"{name}-out", f"job {name}")
     toks = manifest["completion_tokens"]
     pool = next(iter(manifest["pools"].values()))
     busy = toks / pool["tokens_per_s"] if pool["tokens_per_s"] else 0.0

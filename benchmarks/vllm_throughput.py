@@ -38,7 +38,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
+
+from measure import submit  # benchmarks/measure.py, beside this script
 
 TOPICS = ["a lighthouse", "the stock market", "a recipe for bread", "the moon landing", "a chess opening",
           "a rainy city", "an old library", "quantum computing", "a mountain village", "the ocean floor"]
@@ -130,15 +131,7 @@ def run_job(workdir: Path, pool: dict, prompts: list[str], max_tokens: int, unit
             "output": {"path": str(workdir / "out")},
             "sampling": {"max_tokens": max_tokens, "temperature": 0.0},
             "workers": [{**pool, "name": "bench"}], "unit_rows": unit_rows, "prefetch_units": 2}
-    job = workdir / "job.yaml"
-    job.write_text(yaml.safe_dump(spec))
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "runner.cli", "submit", str(job), "--overwrite", "--no-progress",
-                           "--no-dashboard"], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if proc.returncode:
-        raise SystemExit(f"job failed:\n{proc.stdout}\n{proc.stderr}")
-    manifest = json.loads((workdir / "out" / "_manifest.json").read_text())
+    seconds, manifest = submit(spec, workdir / "job.yaml", workdir / "out")
     tokens = manifest["completion_tokens"]
     rate = manifest["pools"]["bench"]["tokens_per_s"]
     return {"job": (tokens, tokens / rate if rate else 0.0), "submit": (tokens, seconds)}

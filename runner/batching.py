@@ -14,6 +14,7 @@ from runner.engines.base import Completion, Engine, Request
 from runner.plan import Unit
 from runner.rows import Rows, row_error
 from runner.spec import Sampling
+from runner.structured import check
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class BatchLoop:
         self.ids = itertools.count()
         self.exhausted = False
         self.last_progress = time.monotonic()  # when a step last returned, or the loop was last idle
+        self.constrained = sampling.constrained  # the job's; a row's own sampling is asked per row
 
     def run(self) -> None:
         while True:
@@ -76,25 +78,28 @@ class BatchLoop:
 
     def _admit(self, work: UnitWork) -> None:
         work.started_at = time.time()
-        rows = work.rows
-        for row, prompt in enumerate(rows.prompts):
-            error = rows.bad.get(row) or row_error(prompt)
+        rows, owners, add, ids = work.rows, self.owners, self.engine.add, self.ids  # per row: kept local
+        samplings = rows.samplings or itertools.repeat(self.sampling)
+        for row, (prompt, sampling) in enumerate(zip(rows.prompts, samplings)):
+            error = (rows.bad and rows.bad.get(row)) or row_error(prompt)
             if error:
                 self._settle(work, row, Completion.failed(-1, error))
                 continue
-            sampling = rows.samplings[row] if rows.samplings else self.sampling
-            if rows.chat:
-                request = Request(next(self.ids), None, sampling, messages=prompt)
-            else:
-                request = Request(next(self.ids), prompt, sampling)
-            self.owners[request.id] = (work, row)
-            self.engine.add(request)
+            request_id = next(ids)
+            owners[request_id] = (work, row)
+            add(Request(request_id, None, sampling, messages=prompt) if rows.chat
+                else Request(request_id, prompt, sampling))
         if not rows.prompts:  # an empty unit settles no row, so nothing else would finish it
             self.on_unit_done(work)
 
     def _record(self, completion: Completion) -> None:
         work, row = self.owners.pop(completion.request_id)
-        self._settle(work, row, completion)
+        if work.rows.samplings is None:
+            constrained, sampling = self.constrained, self.sampling
+        else:
+            sampling = work.rows.samplings[row]
+            constrained = sampling.constrained
+        self._settle(work, row, check(completion, sampling) if constrained else completion)
 
     def _settle(self, work: UnitWork, row: int, completion: Completion) -> None:
         if work.results[row] is not None:

@@ -91,9 +91,10 @@ def submit(job_yaml: str | None, address: str | None, overwrite: bool, no_wait: 
         _submit_remote(job_yaml, spec, address, overwrite, no_wait)
         return
     m = run_job(spec, resolved, RunOptions(address, overwrite, not no_dashboard, not no_progress))
+    rate = "" if spec.task == "embed" else f", {m['tokens_per_s']:.1f} tok/s"  # an embedding job generates no tokens
     click.echo(f"job {spec.name} {m['status']}: {m['rows_ok']} rows ok, {m['rows_failed']} failed "
-               f"({m['units_skipped']} units resumed, {m['units_this_run']} generated) in {m['wall_time_s']:.1f}s, "
-               f"{m['rows_per_s']:.1f} rows/s, {m['tokens_per_s']:.1f} tok/s -> {spec.output.path}")
+               f"({m['units_skipped']} units resumed, {m['units_this_run']} run) in {m['wall_time_s']:.1f}s, "
+               f"{m['rows_per_s']:.1f} rows/s{rate} -> {spec.output.path}")
 
 
 def _submit_remote(job_yaml: str, spec, address: str, overwrite: bool, no_wait: bool) -> None:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import threading
 import time
 
 from runner.coordinator import Coordinator
 from runner.errors import JobFailedError, ModelError
 from runner.plan import Unit
 from runner.pools import PoolBase
-from runner.progress import Progress
+from runner.progress import Progress, Timings
 from runner.spec import JobSpec
 from runner.worker import Worker
 
@@ -18,34 +20,105 @@ log = logging.getLogger(__name__)
 
 # Ray starts worker processes at nice 15, below everything else on the node; an engine is the node's main
 # work, so it runs at the default priority, as a bare vLLM or llama.cpp process would (Ray's job supervisor
-# does the same for drivers). Merged with the job's own runtime env by Ray.
+# does the same for drivers). Merged with the job's own runtime env by Ray. An embedded Ray is started with
+# that priority for all its workers instead (NICE_WORKERS), so actors take the worker processes Ray starts
+# ahead, where a runtime env of their own would have each wait for a new process.
 WORKER_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+NICE_WORKERS = {"worker_niceness": 0}
 
 
 def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options, failed_allowed: float | None = None,
-               lock=None) -> tuple[list[tuple[Unit, str]], list]:
+               lock=None, timings: Timings | None = None, cluster: RayCluster | None = None
+               ) -> tuple[list[tuple[Unit, str]], list]:
     """Process `units` on Ray until each is committed or given up; returns the given-up ones and the stats
     of those committed. Stops early, leaving units unrun, once more than `failed_allowed` rows have failed,
-    or when `lock` (the driver's JobLock) is found taken by another driver."""
+    or when `lock` (the driver's JobLock) is found taken by another driver. `cluster`: the run's Ray, started
+    here if it is not yet, which the caller stops; without it, a Ray of its own, stopped before returning.
+    `timings` gets the run's phases."""
+    timings = timings or Timings()
+    own = cluster is None
+    cluster = cluster or RayCluster(spec, run_id, options)
+    try:
+        if cluster.start():
+            timings.mark("ray start")
+        check_fits(spec, embedded=not options.address)
+        worker_env = None if cluster.nice_workers else WORKER_ENV
+        return Supervisor(spec, units, run_id, failed_allowed, lock, worker_env, timings).run(options.progress)
+    finally:
+        if own and cluster.stop():
+            timings.mark("ray stop")
+
+
+class RayCluster:
+    """A run's Ray: an embedded one (no address), or the cluster at `options.address`, joined. A process
+    already connected to Ray (a test's, a job submitted to a cluster) keeps its connection: `start` and
+    `stop` then do nothing."""
+
+    def __init__(self, spec: JobSpec, run_id: str, options):
+        self.spec, self.run_id, self.options = spec, run_id, options
+        self.started_here = False
+
+    @property
+    def nice_workers(self) -> bool:
+        """Whether every worker process already runs at the default priority (NICE_WORKERS)."""
+        return self.started_here and not self.options.address
+
+    def start(self) -> bool:
+        """Start or join Ray unless connected; True when this call did."""
+        import ray
+
+        if self.started_here or ray.is_initialized():
+            return False
+        start_ray(self.spec, self.run_id, self.options)
+        self.started_here = True
+        return True
+
+    def stop(self) -> bool:
+        """Disconnect (stopping an embedded Ray) if `start` connected; True when this call did."""
+        if not self.started_here:
+            return False
+        import ray
+
+        stop_ray(ray)
+        self.started_here = False
+        return True
+
+
+def import_ray_meanwhile() -> None:
+    """Import Ray (a few tenths of a second) on a helper thread while the driver claims the job's output
+    location, which mostly waits on the lock and storage; `import ray` then finds it done."""
+    threading.Thread(target=importlib.import_module, args=("ray",), name="import-ray", daemon=True).start()
+
+
+def start_ray(spec: JobSpec, run_id: str, options) -> None:
+    """Start an embedded Ray (no address), or join the cluster at `options.address`."""
     import ray
 
     from ray.job_config import JobConfig
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        # "local" always starts an embedded Ray, even where a `ray start` cluster runs on this machine.
-        # The job's name is its metadata, which the dashboard's Jobs page shows.
-        ctx = ray.init(address=options.address or "local",
-                       include_dashboard=options.dashboard if not options.address else None,
-                       job_config=JobConfig(metadata={"job_name": spec.name, "run_id": run_id}),
-                       logging_level=logging.WARNING, log_to_driver=True)
-        announce(ctx)
+    embedded = not options.address
+    # "local" always starts an embedded Ray, even where a `ray start` cluster runs on this machine.
+    # The job's name is its metadata, which the dashboard's Jobs page shows.
+    ctx = ray.init(address=options.address or "local", include_dashboard=options.dashboard if embedded else None,
+                   job_config=JobConfig(metadata={"job_name": spec.name, "run_id": run_id}),
+                   logging_level=logging.WARNING, log_to_driver=True,
+                   **({"_system_config": NICE_WORKERS} if embedded else {}))
+    announce(ctx)
+
+
+def stop_ray(ray) -> None:
+    """Disconnect, stopping an embedded Ray. ray.shutdown() gives each process it started a second to exit
+    on SIGTERM, and Ray's autoscaler monitor, of no use to a local Ray, always takes all of it: it is killed
+    first. That is Ray's private API; in a Ray without it, shutdown takes the second."""
     try:
-        check_fits(spec, embedded=not options.address)
-        return Supervisor(spec, units, run_id, failed_allowed, lock).run(options.progress)
-    finally:
-        if started_here:
-            ray.shutdown()
+        from ray._private import ray_constants, worker
+
+        node = worker._global_node
+        if node is not None and node.head:
+            node._kill_process_type(ray_constants.PROCESS_TYPE_MONITOR, check_alive=False)
+    except Exception as e:  # only a faster shutdown is lost
+        log.debug("could not stop Ray's monitor first: %s", e)
+    ray.shutdown()
 
 
 def announce(ctx) -> None:
@@ -101,12 +174,13 @@ class Supervisor:
     """
 
     def __init__(self, spec: JobSpec, units: list[Unit], run_id: str, failed_allowed: float | None = None,
-                 lock=None):
+                 lock=None, worker_env: dict | None = WORKER_ENV, timings: Timings | None = None):
         import ray
 
         from runner.output import OutputStore
 
         self.ray, self.spec, self.run_id, self.failed_allowed, self.lock = ray, spec, run_id, failed_allowed, lock
+        self.worker_env, self.timings = worker_env, timings or Timings()
         self.units, self.store = units, OutputStore(spec)
         self.stopping = False
         # Named actors live in a namespace of their own run, so sequential or concurrent jobs never clash.
@@ -165,7 +239,7 @@ class Supervisor:
         n = self.incarnations[(pool_index, replica)] = self.incarnations.get((pool_index, replica), -1) + 1
         identity = f"{name}-{replica}" + (f".{n}" if n else "")
         actor = self.ray.remote(Worker).options(
-            name=identity, namespace=self.namespace, max_restarts=0, runtime_env=WORKER_ENV,
+            name=identity, namespace=self.namespace, max_restarts=0, runtime_env=self.worker_env,
             **self.placement(pool_index, replica),
         ).remote(self.spec, pool_index, replica, self.coordinator, self.run_id, identity, self.namespace)
         self.live[actor.run.remote()] = (pool_index, replica, actor, identity)
@@ -212,11 +286,23 @@ class Supervisor:
                     self._watch(progress)
             progress = self.last_progress = self._ask("progress")
             given_up, committed = self._ask("given_up"), self._ask("committed")
+            self._mark_phases(self._ask("timings"))
         finally:
             self.close()
         if not progress["finished"] and not self._too_many_failed(progress):
             raise self._why_stopped(progress)
         return given_up, committed
+
+    def _mark_phases(self, times: dict) -> None:
+        """The coordinator's view of the run, as phases: workers starting and loading their engines until the
+        first lease, the first unit, the rest of the units, then the supervisor noticing the end."""
+        loads = times.get("load_s") or {}
+        load = f" (engine load {max(loads.values()):.2f}s)" if loads else ""
+        for phase, key in ((f"workers up{load}", "first_lease"), ("first unit", "first_commit"),
+                           ("units", "last_commit")):
+            if key in times:
+                self.timings.mark(phase, times[key])
+        self.timings.mark("end seen")
 
     def _why_stopped(self, progress: dict) -> Exception:
         left = progress["units_queued"] + progress["units_in_flight"]

@@ -26,6 +26,8 @@ class _PlainWrites:
     """Conditional writes (create if absent; replace or remove only the version read) on a store that has
     none: a check, then a plain write. Of racing writers the last one wins, so callers read back."""
 
+    exclusive = False  # whether the store itself refuses the second of two racing writers
+
     def __init__(self, fs: fsspec.AbstractFileSystem):
         self.fs = fs
 
@@ -53,6 +55,8 @@ class _LocalWrites(_PlainWrites):
     and fails when the name exists; a replace or remove first renames the file away, which only one of
     racing callers can do, and puts it back when it was not the version read (a hash of its bytes). A
     replace leaves the name absent for a moment: a creator in that moment wins, and the replace says False."""
+
+    exclusive = True  # the kernel's link and rename decide, on this machine's own disk
 
     def read(self, path: str) -> tuple[bytes, str | None]:
         data = self.fs.cat_file(path)

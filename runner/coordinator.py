@@ -71,6 +71,8 @@ class Coordinator:
         self.done_by_pool: Counter = Counter()
         self.stats: list[UnitStats] = []  # what this coordinator's workers committed
         self.last_error: str | None = None
+        self.times: dict[str, float] = {}  # when the first unit was leased, the first and the last committed
+        self.loads: dict[str, float] = {}  # worker -> seconds its engine took to load
         self.metrics = None
         if job is not None:
             from runner.metrics import JobMetrics
@@ -126,6 +128,7 @@ class Coordinator:
         if units:
             for track in units:
                 self._lease(worker, track)
+            self.times.setdefault("first_lease", time.time())
             return Lease("units", tuple(t.unit for t in units), tuple(t.attempts for t in units))
         return Lease("done") if self.finished() else Lease("wait")
 
@@ -145,11 +148,18 @@ class Coordinator:
             self.totals["rows_given_up"] -= track.unit.num_rows
         self._move(track, UnitState.DONE)
         self.tried.discard(track.unit.id)
+        self.times.setdefault("first_commit", time.time())
+        self.times["last_commit"] = time.time()
         self.stats.append(stats)
         self.done_by_pool[stats.pool] += 1
         self.totals.update({k: getattr(stats, k) for k in COUNTED})
         if self.metrics:
             self.metrics.unit_committed(stats)
+
+    def complete_all(self, worker: str, stats: list[UnitStats]) -> None:
+        """Several units committed, reported in one call."""
+        for s in stats:
+            self.complete(worker, s)
 
     def fail(self, worker: str, unit_id: str, error: str) -> None:
         track = self.tracks.get(unit_id)
@@ -164,6 +174,14 @@ class Coordinator:
         for uid in held:  # the retry queue keeps plan order
             self._retry_or_give_up(self.tracks[uid], f"worker {worker} lost: {error}")
         return held
+
+    def loaded(self, worker: str, seconds: float) -> None:
+        """A worker's engine is ready; it took `seconds` to load (the driver's timings show it)."""
+        self.loads[worker] = seconds
+
+    def timings(self) -> dict:
+        """When the job's phases turned (wall clock) and each worker's load seconds."""
+        return {**self.times, "load_s": dict(self.loads)}
 
     def beat(self, worker: str, stalled_s: float) -> None:
         """A loaded worker's heartbeat: how long its engine has had work in flight without progress."""

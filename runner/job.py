@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -16,10 +18,14 @@ from runner.lock import JobLock
 from runner.ledger import Ledger
 from runner.output import OutputStore, UnitStats, summarize
 from runner.plan import Plan, Unit, make_plan
+from runner.progress import Timings
 from runner.report import FAILED_POOL, write_report
 from runner.spec import JobSpec
 from runner.reader import RowGroupReader
 from runner.storage import storage_errors
+
+if TYPE_CHECKING:
+    from runner.cluster import RayCluster  # imported where a job runs: `runner validate` needs no Ray
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +53,36 @@ def check_models(spec: JobSpec) -> None:
 
 
 def run_job(spec: JobSpec, resolved_spec: dict, options: RunOptions = RunOptions()) -> dict:
-    """Run (or resume) the job to the end; returns the manifest. Raises RunnerError subclasses."""
+    """Run (or resume) the job to the end; returns the manifest. Raises RunnerError subclasses.
+    Logs where the run's seconds went (runner.progress.Timings) when it ends."""
+    from runner.cluster import RayCluster, import_ray_meanwhile
+
     started = time.time()
+    timings = Timings()
+    timings.mark("start")
     plan = validate(spec)
+    timings.mark("plan")
+    import_ray_meanwhile()  # while the lock is taken and the output location claimed
     store = OutputStore(spec)
     run_id = uuid.uuid4().hex[:12]
+    # Every refusal (a bad input, another driver's lock, another job's outputs) comes before Ray starts, so
+    # it is the one line printed.
     with JobLock(store.loc, spec.name, run_id) as lock:
-        return _run_locked(spec, resolved_spec, options, plan, store, run_id, started, lock)
+        cluster = RayCluster(spec, run_id, options)
+        try:
+            manifest = _run_locked(spec, resolved_spec, options, plan, store, run_id, started, lock, cluster,
+                                   timings)
+        finally:
+            cluster.stop()  # its workers are gone before the lock is
+    timings.log()
+    return manifest
 
 
 def _run_locked(spec: JobSpec, resolved_spec: dict, options: RunOptions, plan: Plan, store: OutputStore,
-                run_id: str, started: float, lock: JobLock) -> dict:
+                run_id: str, started: float, lock: JobLock, cluster: RayCluster, timings: Timings) -> dict:
     resuming = store.begin(plan, resolved_spec, options.overwrite)
     before = Ledger.resume(store.loc)  # one listing; only markers not yet rolled up are read
+    timings.mark("claim")
     done = before.committed_ids
     todo = [u for u in plan.units if u.id not in done]
     log.info("job %s: %d units, %d rows; %d units already committed%s", spec.name, len(plan.units),
@@ -72,16 +95,40 @@ def _run_locked(spec: JobSpec, resolved_spec: dict, options: RunOptions, plan: P
         allowed = failed_rows_allowed(spec, plan.total_rows)
         if allowed is not None:  # what earlier runs' committed units already used up
             allowed -= before.totals().get("rows_failed", 0)
-        given_up, known = run_on_ray(spec, todo, run_id, options, failed_allowed=allowed, lock=lock)
+        given_up, known = run_on_ray(spec, todo, run_id, options, failed_allowed=allowed, lock=lock,
+                                     timings=timings, cluster=cluster)
     lock.check()  # a driver that took the location over while this one's workers ran finishes the job
-    known += [write_failed_unit(spec, store, unit, error, run_id) for unit, error in given_up]
-    return finish(spec, store, plan, run_id, started, skipped=len(plan.units) - len(todo), known=known,
-                  ledger=None if todo else before)
+    dim = next((m.embedding_dim for m in (*known, *before.stats) if m.embedding_dim), 0)
+
+    def write_results() -> dict:
+        """The given-up units' rows, written as failed, then the manifest: storage work that needs no Ray."""
+        stats = known + [write_failed_unit(spec, store, unit, error, run_id, dim) for unit, error in given_up]
+        return finish(spec, store, plan, run_id, started, skipped=len(plan.units) - len(todo), known=stats,
+                      ledger=None if todo else before)
+
+    # With every unit of this run settled no worker holds one, so the results are written while Ray stops; a
+    # run stopped early stops Ray first, so that no worker told to stop commits behind the manifest.
+    if len(known) + len(given_up) < len(todo) and cluster.stop():
+        timings.mark("ray stop")
+    return _while_ray_stops(cluster, timings, write_results)
 
 
-def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str, run_id: str) -> UnitStats:
+def _while_ray_stops(cluster: RayCluster, timings: Timings, write: Callable[[], dict]) -> dict:
+    """`write()` on a helper thread while this one stops Ray, if it still runs; returns what `write` does."""
+    with ThreadPoolExecutor(1, thread_name_prefix="finish") as helper:
+        writing = helper.submit(lambda: (write(), time.time()))
+        ends = [("ray stop", time.time())] if cluster.stop() else []
+        manifest, written_at = writing.result()
+    for phase, at in sorted([*ends, ("finish", written_at)], key=lambda end: end[1]):
+        timings.mark(phase, at)
+    return manifest
+
+
+def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str, run_id: str,
+                      embedding_dim: int = 0) -> UnitStats:
     """A unit that failed every attempt: its rows are written with the error, through the workers' commit
-    path, so none is lost. Returns its stats."""
+    path, so none is lost. Returns its stats. `embedding_dim`: the width of the job's committed vectors
+    (task embed), so every part has one schema; 0 only when no unit has any."""
     try:
         inputs = RowGroupReader(spec).read(unit, 0).inputs
     except Exception:  # the input itself may be what fails; keep the rows' positions at least
@@ -90,8 +137,8 @@ def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str,
     message = f"unit_failed: after {spec.max_attempts} attempts: {error}"[:2000]
     results = [Completion.failed(i, message) for i in range(unit.num_rows)]
     now = time.time()
-    stats = store.commit_results(unit, inputs, results, pool=FAILED_POOL, worker=FAILED_POOL, run_id=run_id,
-                                 attempt=spec.max_attempts, started_at=now, finished_at=now)
+    stats = store.commit_results(unit, inputs, results, embedding_dim, pool=FAILED_POOL, worker=FAILED_POOL,
+                                 run_id=run_id, attempt=spec.max_attempts, started_at=now, finished_at=now)
     log.error("%s: rows %d..%d written as failed after %d attempts: %s", unit.id, unit.row_start,
               unit.row_start + unit.num_rows - 1, spec.max_attempts, error)
     return stats

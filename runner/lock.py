@@ -5,8 +5,9 @@ it is unchanged since the driver read it back (the Location's conditional writes
 rename on a local disk, If-None-Match / If-Match on S3, a generation match on GCS, a plain write on other
 stores). A lock whose heartbeat stopped stale_s ago, or whose driver ran on this host and is gone, belongs to
 a dead driver and is taken over on the version read, so of two drivers taking it over at once one wins.
-After taking it, the driver pauses and reads it back: on a store without conditional writes (or one that
-ignores them) the last writer wins and the other driver sees it.
+After taking it, the driver reads it back, on an object store after a pause: on a store without conditional
+writes (or one that ignores them) the last writer wins and the other driver sees it. A local disk needs no
+pause, since its kernel lets only one writer's link or rename through.
 
 Each heartbeat reads the lock first. When another run holds it (this driver's heartbeat was late and the
 lock was taken over), the lock is lost: `lost` is set, the heartbeat stops, and `check()` raises
@@ -84,8 +85,8 @@ class JobLock:
                     log.warning("output.path %s: taking over the lock of run %s (%s)", self.loc.url,
                                 held.get("run_id"), why)
                 wrote = self.loc.replace_if(LOCK, self._record(), version)
-            if wrote:
-                time.sleep(SETTLE_S)  # for stores without conditional writes: see the module docstring
+            if wrote and not self.loc.exclusive_writes:
+                time.sleep(SETTLE_S)  # for stores without (or ignoring) conditional writes: see the docstring
             held, _ = self._read()
             if not self._ours(held):
                 raise JobConflictError(self._busy(held))

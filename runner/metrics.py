@@ -33,18 +33,19 @@ class JobMetrics:
     def unit_committed(self, stats) -> None:
         """Count one committed unit's rows and tokens (`stats`: its runner.output.UnitStats)."""
         tags = {"job": self.job, "pool": stats.pool}
-        self.rows_done.inc(stats.rows, tags=tags)
-        if stats.rows_failed:
-            self.rows_failed.inc(stats.rows_failed, tags=tags)
-        self.prompt_tokens.inc(stats.prompt_tokens, tags=tags)
-        self.generated_tokens.inc(stats.completion_tokens, tags=tags)
+        for counter, value in ((self.rows_done, stats.rows), (self.rows_failed, stats.rows_failed),
+                               (self.prompt_tokens, stats.prompt_tokens),
+                               (self.generated_tokens, stats.completion_tokens)):
+            if value > 0:  # Ray's Counter.inc refuses 0 (an embedding unit generates no tokens)
+                counter.inc(value, tags=tags)
         self.recent.setdefault(stats.pool, deque()).append((time.time(), stats.completion_tokens))
 
     def unit_given_up(self, rows: int) -> None:
         """Its rows are written as failed by the driver at the end; they count from now."""
         tags = {"job": self.job, "pool": "-"}
-        self.rows_done.inc(rows, tags=tags)
-        self.rows_failed.inc(rows, tags=tags)
+        if rows > 0:
+            self.rows_done.inc(rows, tags=tags)
+            self.rows_failed.inc(rows, tags=tags)
 
     def refresh(self, in_flight: int, queued: int, done: int) -> None:
         """The gauges, from the queue's state now and the last WINDOW_S of commits."""

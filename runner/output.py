@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pyarrow as pa
 
 from runner.engines.base import Completion
@@ -41,30 +42,81 @@ class UnitStats:
     errors: dict[str, int] = field(default_factory=dict)
     prompt_tokens_reused: int = 0  # taken from a shared prefix's KV instead of computed
     node: str = ""  # the Ray node id the worker ran on
+    embedding_dim: int = 0  # task embed: the width of the unit's vectors
 
 
 def error_kind(error: str) -> str:
     return error.split(":", 1)[0].strip()[:60]
 
 
-def output_table(spec: JobSpec, unit: Unit, inputs: pa.Table, results: list[Completion | None]) -> pa.Table:
-    """One output row per input row, in input order; refuses a unit whose rows do not match one to one."""
+def output_table(spec: JobSpec, unit: Unit, inputs: pa.Table, results: list[Completion | None],
+                 embedding_dim: int = 0) -> pa.Table:
+    """One output row per input row, in input order; refuses a unit whose rows do not match one to one.
+    Which columns a part has depends on the job spec only, so every part of a job has one schema."""
     if len(results) != unit.num_rows or inputs.num_rows != unit.num_rows or any(r is None for r in results):
         missing = sum(r is None for r in results)
         raise EngineError(f"{unit.id}: {len(results) - missing} results for {unit.num_rows} input rows")
     cols: dict[str, pa.Array] = {
         "source_file": pa.array([unit.source_file] * unit.num_rows, pa.string()),
-        "source_row": pa.array(range(unit.row_start, unit.row_start + unit.num_rows), pa.int64()),
+        "source_row": pa.array(np.arange(unit.row_start, unit.row_start + unit.num_rows, dtype=np.int64)),
     }
     for name in ([spec.input.id_column] if spec.input.id_column else []) + list(spec.input.columns):
         if name not in cols:
             cols[name] = inputs.column(name)
+    if spec.task == "embed":
+        cols["embedding"] = embedding_column([r.embedding for r in results], embedding_dim)
+        cols["prompt_tokens"] = pa.array([r.prompt_tokens for r in results], pa.int64())
+        cols["error"] = pa.array([r.error for r in results], pa.string())
+        return pa.table(cols)
     cols["text"] = pa.array([r.text for r in results], pa.string())
     cols["finish_reason"] = pa.array([r.finish_reason for r in results], pa.string())
     cols["prompt_tokens"] = pa.array([r.prompt_tokens for r in results], pa.int64())
     cols["completion_tokens"] = pa.array([r.completion_tokens for r in results], pa.int64())
     cols["error"] = pa.array([r.error for r in results], pa.string())
+    cols.update(extra_columns(spec, results))
     return pa.table(cols)
+
+
+LOGPROB = pa.struct([("token", pa.string()), ("logprob", pa.float32())])
+LOGPROBS = pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float32()),
+                               ("top_logprobs", pa.list_(LOGPROB))]))
+CHOICES = pa.list_(pa.struct([("text", pa.string()), ("finish_reason", pa.string()),
+                              ("completion_tokens", pa.int64())]))
+
+
+def extra_columns(spec: JobSpec, results: list[Completion]) -> dict[str, pa.Array]:
+    """`parsed` when the job's sampling has a JSON schema; `logprobs` and `choices` when the job's sampling
+    asks for them, or when rows may ask through sampling_column (then null where a row did not)."""
+    s, per_row = spec.sampling, spec.input.sampling_column is not None
+    cols: dict[str, pa.Array] = {}
+    if s.response_format is not None and s.response_format.json_schema is not None:
+        from runner.structured import arrow_type, parsed_column
+
+        cols["parsed"] = parsed_column([r.parsed for r in results], arrow_type(s.json_schema))
+    if s.logprobs or per_row:
+        cols["logprobs"] = pa.array([None if r.logprobs is None else [
+            {"token": t.token, "logprob": t.logprob, "top_logprobs": [{"token": a, "logprob": b} for a, b in t.top]}
+            for t in r.logprobs] for r in results], LOGPROBS)
+    if s.n > 1 or per_row:
+        cols["choices"] = pa.array([None if r.choices is None else [
+            {"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens}
+            for c in r.choices] for r in results], CHOICES)
+    return cols
+
+
+def embedding_column(vectors: list, dim: int) -> pa.Array:
+    """Fixed-size lists of float32, `dim` wide (null for a failed row), built from one flat buffer."""
+    import numpy as np
+
+    valid = [v is not None for v in vectors]
+    flat = np.zeros((len(vectors), dim), np.float32)
+    for i, v in enumerate(vectors):
+        if v is not None:
+            if len(v) != dim:
+                raise EngineError(f"an embedding of width {len(v)} in a job of width {dim}")
+            flat[i] = v
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), dim,
+                                             mask=pa.array([not x for x in valid]))
 
 
 def unit_stats(unit: Unit, results: list[Completion], **who) -> UnitStats:
@@ -73,7 +125,9 @@ def unit_stats(unit: Unit, results: list[Completion], **who) -> UnitStats:
     return UnitStats(
         unit_id=unit.id, rows=unit.num_rows, rows_ok=unit.num_rows - failed, rows_failed=failed,
         prompt_tokens=sum(r.prompt_tokens for r in results),
-        completion_tokens=sum(r.completion_tokens for r in results), errors=dict(errors),
+        # every choice's tokens were generated, not only the first's
+        completion_tokens=sum(sum(c.completion_tokens for c in r.choices) if r.choices else r.completion_tokens
+                              for r in results), errors=dict(errors),
         prompt_tokens_reused=sum(r.cached_tokens for r in results), **who,
     )
 
@@ -138,11 +192,12 @@ class OutputStore:
             self.loc.write_table(unit.data_name, table)
             self.loc.write_json(f"{COMMITS}/{unit.id}.json", asdict(stats))
 
-    def commit_results(self, unit: Unit, inputs: pa.Table, results: list[Completion | None], **who) -> UnitStats:
+    def commit_results(self, unit: Unit, inputs: pa.Table, results: list[Completion | None],
+                       embedding_dim: int = 0, **who) -> UnitStats:
         """The one commit path, for a worker's unit and for the driver's given-up one: one output row per
         input row, its stats, then `commit`. `who`: pool, worker, run_id, attempt, times, node."""
-        table = output_table(self.spec, unit, inputs, results)
-        stats = unit_stats(unit, results, **who)
+        table = output_table(self.spec, unit, inputs, results, embedding_dim)
+        stats = unit_stats(unit, results, embedding_dim=embedding_dim, **who)
         self.commit(unit, table, stats)
         return stats
 

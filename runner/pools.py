@@ -103,16 +103,22 @@ class LlamaCppPool(PoolBase):
     model: PathOrUrl = Field(description="A GGUF file, a path or any fsspec URL, fetched once per node.")
     model_storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for model.")
     n_ctx: int = Field(2048, ge=16, description="Context length of one sequence.")
-    parallel: int = Field(8, ge=1, description="Sequences decoded together.")
+    parallel: int = Field(8, ge=1, description="Sequences decoded together (task embed: most prompts in one "
+                                               "decode call; a row with n choices takes n).")
     n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default num_cpus.")
     n_batch: int = Field(512, ge=1, description="Most tokens in one llama.cpp decode call.")
-    flash_attn: bool = Field(False, description="llama.cpp flash attention (off keeps batched = single outputs).")
+    flash_attn: bool = Field(False, description="llama.cpp flash attention (off keeps batched = single outputs; "
+                                                 "on speeds up task embed's large batches, vectors within ~1e-3).")
     kv_unified: bool = Field(False, description="One KV buffer shared by all sequences.")
     prefix_reuse: bool = Field(
         True, description="Compute a token prefix shared by queued prompts once and copy its KV to each.")
     prefix_min_tokens: int = Field(32, ge=1, description="Shortest shared prefix worth reusing.")
     chat_template: str | None = Field(
         None, description="Jinja chat template for messages_column; default: the one in the GGUF metadata.")
+    pooling: Literal["model", "mean", "cls", "last"] = Field(
+        "model", description="task embed: how a prompt's token vectors become one. model: the GGUF's own pooling "
+                             "(mean when it names none, as a generative model does); mean, cls (first token) "
+                             "or last (last token).")
 
     _template = field_validator("chat_template")(_compiles)
 
@@ -128,7 +134,9 @@ class LlamaCppPool(PoolBase):
         return self.n_threads or max(1, int(self.num_cpus))
 
     def output_settings(self) -> tuple:
-        return (self.engine, self.model, self.n_ctx, self.chat_template or "")
+        # pooling only when set, so the fingerprints of jobs planned before it existed stay the same
+        pooling = (self.pooling,) if self.pooling != "model" else ()
+        return (self.engine, self.model, self.n_ctx, self.chat_template or "", *pooling)
 
     def describe(self) -> str:
         return f"parallel={self.parallel}, n_ctx={self.n_ctx}"
@@ -141,8 +149,9 @@ class LlamaCppPool(PoolBase):
         check_gguf(self.model, self.model_storage_options, f"{where}.model")
 
 
-# vLLM engine_args that change what a row's text is; resume refuses when one of them changes.
-VLLM_OUTPUT_ARGS = ("max_model_len", "dtype", "quantization", "revision", "tokenizer", "tokenizer_revision")
+# vLLM engine_args that change a row's output (text, logprobs, vector); resume refuses when one of them changes.
+VLLM_OUTPUT_ARGS = ("max_model_len", "dtype", "quantization", "revision", "tokenizer", "tokenizer_revision",
+                    "runner", "convert", "pooler_config", "structured_outputs_config", "logprobs_mode")
 
 
 class VLLMPool(PoolBase):
@@ -161,7 +170,9 @@ class VLLMPool(PoolBase):
         None, description="Jinja chat template for messages_column; default: the tokenizer's.")
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="vLLM's EngineArgs, passed unchanged (tensor_parallel_size, "
-                                          "max_num_seqs, max_model_len, gpu_memory_utilization, ...).")
+                                          "max_num_seqs, max_model_len, gpu_memory_utilization, ...). Defaults: "
+                                          "runner pooling for task embed; structured_outputs_config "
+                                          "{backend: xgrammar} for constrained rows.")
 
     _template = field_validator("chat_template")(_compiles)
 
@@ -251,6 +262,7 @@ class EchoArgs(BaseModel):
         None, description="A text that ends the worker's process when a prompt holds it: a poison row for drills.")
     hang_on: str | None = Field(
         None, description="A text that makes a step hang for good when a prompt holds it: a stalled engine.")
+    dim: int = Field(16, ge=1, description="Width of the vectors of task embed.")
 
 
 class EchoPool(PoolBase):
@@ -260,7 +272,7 @@ class EchoPool(PoolBase):
 
     engine: Literal["echo"]
     parallel: int = Field(8, ge=1, description="Rows a step finishes.")
-    engine_args: EchoArgs = Field(default_factory=EchoArgs, description="step_s, crash_on, hang_on.")
+    engine_args: EchoArgs = Field(default_factory=EchoArgs, description="step_s, crash_on, hang_on, dim.")
 
     def describe(self) -> str:
         return f"parallel={self.parallel}"

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from runner.spec import JobSpec, Sampling, describe_error
 
 Messages = list[dict]
+CONSTRAINTS = {"response_format", "regex", "choice", "grammar"}
 
 
 @dataclass
@@ -126,7 +127,10 @@ def _override(base: Sampling, v) -> Sampling | str:
         return v
     if not isinstance(v, dict):
         return f"expected an object of sampling keys, got {json.dumps(v, default=str)[:60]}"
+    merged = base.model_dump()
+    if CONSTRAINTS & v.keys():  # a row's own constraint replaces the job's, whichever kind it is
+        merged = {k: x for k, x in merged.items() if k not in CONSTRAINTS}
     try:
-        return Sampling.model_validate({**base.model_dump(), **v})
+        return Sampling.model_validate({**merged, **v})
     except ValidationError as e:
         return describe_error(e)

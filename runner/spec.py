@@ -8,7 +8,7 @@ import os
 import posixpath
 import re
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +25,38 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class JsonSchemaFormat(_Model):
+    """OpenAI's `response_format.json_schema`: a named JSON schema the text must follow."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+    name: str = Field("response", description="The schema's name (OpenAI requires one; runner only reports it).")
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON schema; it also types the `parsed` column.")
+    description: str | None = Field(None, description="Free text, as in OpenAI's shape.")
+    strict: bool | None = Field(None, description="Accepted for OpenAI compatibility; decoding is always constrained.")
+
+    @field_validator("schema_")
+    @classmethod
+    def _expressible(cls, v: dict) -> dict:
+        from runner.structured import check_schema
+
+        check_schema(v)
+        return v
+
+
+class ResponseFormat(_Model):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"] = Field(description="text, json_object or json_schema.")
+    json_schema: JsonSchemaFormat | None = Field(None, description="Required with type json_schema.")
+
+    @model_validator(mode="after")
+    def _schema_with_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema: give it exactly when type is json_schema")
+        return self
+
+
 class Sampling(_Model):
     """How tokens are drawn; the job's default for every row."""
 
@@ -38,6 +70,51 @@ class Sampling(_Model):
     frequency_penalty: float = Field(0.0, description="Penalty growing with a token's count.")
     seed: int = Field(0, ge=0, description="Seed of the row's sampler; same seed, same text.")
     stop: list[str] = Field(default_factory=list, description="Strings that end a row; never part of `text`.")
+    response_format: ResponseFormat | None = Field(
+        None, description="OpenAI's shape: {type: json_schema, json_schema: {name, schema}} or {type: json_object}; "
+                          "decoding is constrained to it.")
+    regex: str | None = Field(None, description="Constrain the text to match this regular expression.")
+    choice: list[str] | None = Field(None, min_length=1, description="Constrain the text to one of these strings.")
+    grammar: str | None = Field(None, description="Constrain the text to this GBNF grammar (root rule `root`).")
+    logprobs: int = Field(0, ge=0, le=20, description="Top-k log-probabilities of each generated token; 0: none.")
+    n: int = Field(1, ge=1, le=128, description="Completions per row.")
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> "Sampling":
+        given = [k for k in ("response_format", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            given.remove("response_format")
+        if len(given) > 1:
+            raise ValueError(f"give one of response_format, regex, choice and grammar, not {' and '.join(given)}")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n: {self.n} completions need a temperature above 0 (greedy decoding gives one text "
+                             "n times; vLLM refuses it)")
+        return self
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression ({e})") from None
+        return v
+
+    @property
+    def constrained(self) -> bool:
+        """Whether decoding follows a schema, a regex, a choice or a grammar."""
+        fmt = self.response_format
+        return (fmt is not None and fmt.type != "text") or any(
+            v is not None for v in (self.regex, self.choice, self.grammar))
+
+    @property
+    def json_schema(self) -> dict | None:
+        """The JSON schema the text must follow: the given one, {type: object} for json_object, else None."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        return fmt.json_schema.schema_ if fmt.json_schema else {"type": "object"}
 
     @field_validator("stop")
     @classmethod
@@ -80,6 +157,12 @@ class InputSpec(_Model):
         return self.messages_column or self.prompt_column  # type: ignore[return-value]
 
 
+class EmbeddingSpec(_Model):
+    """How `task: embed` writes vectors."""
+
+    normalize: bool = Field(True, description="Scale each vector to length 1 (as llama-server and vLLM do by default).")
+
+
 class OutputSpec(_Model):
     path: PathOrUrl = Field(description="Directory (any fsspec URL) that receives Parquet parts and bookkeeping files.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for output.path.")
@@ -92,9 +175,11 @@ class JobSpec(_Model):
     """One job: where prompts come from, who generates, where outputs go."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Job name (letters, digits, _ . -).")
+    task: Literal["generate", "embed"] = Field("generate", description="generate text, or embed each prompt.")
     input: InputSpec
     output: OutputSpec
     sampling: Sampling = Field(default_factory=Sampling)
+    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec, description="task: embed only.")
     workers: list[WorkerPool] = Field(min_length=1)
     unit_rows: int = Field(256, ge=1, description="Rows per unit of work: the checkpoint granularity.")
     max_attempts: int = Field(3, ge=1, description="Tries per unit before its rows are written as failed.")
@@ -114,6 +199,19 @@ class JobSpec(_Model):
             if name in names[:i]:
                 raise ValueError(f"workers[{i}].name: pool name {name!r} is already used by "
                                  f"workers[{names.index(name)}]; each pool needs its own")
+        return self
+
+    @model_validator(mode="after")
+    def _task(self) -> "JobSpec":
+        if self.task == "embed":
+            if self.input.messages_column:
+                raise ValueError("input.messages_column: task embed takes prompts (prompt_column), not chat rows")
+            asked = [k for k in ("response_format", "regex", "choice", "grammar", "logprobs", "n")
+                     if k in self.sampling.model_fields_set]
+            if asked:
+                raise ValueError(f"sampling.{asked[0]}: a generate setting; task embed generates no text")
+        elif "embedding" in self.model_fields_set:
+            raise ValueError("embedding: a task embed setting; this job's task is generate")
         return self
 
     @model_validator(mode="after")
@@ -150,15 +248,20 @@ class JobSpec(_Model):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes what the outputs hold; resume refuses when it differs."""
+        # Keys left at their defaults are left out, so a job planned before they existed keeps its fingerprint.
+        sampling = self.sampling.model_dump(exclude={k for k in _LATER_SAMPLING if k not in self.sampling.model_fields_set})
         body = {
             "input": self.input.model_dump(exclude={"storage_options"}),
-            "sampling": self.sampling.model_dump(),
+            "sampling": sampling,
             "models": sorted({p.output_settings() for p in self.workers}, key=str),
             "unit_rows": self.unit_rows,
         }
+        if self.task == "embed":
+            body["embed"] = self.embedding.model_dump()
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+_LATER_SAMPLING = ("response_format", "regex", "choice", "grammar", "logprobs", "n")
 _PROTOCOL_ALIASES = {None: "file", "local": "file", "s3a": "s3", "gcs": "gs"}
 
 

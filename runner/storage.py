@@ -104,6 +104,13 @@ class Location:
         the bytes on a local disk, the ETag on S3, the generation on GCS, None on other stores."""
         return conditional_writes(self.fs).read(self.path(name))
 
+    @property
+    def exclusive_writes(self) -> bool:
+        """Whether `create` and `replace_if` are decided by this machine's kernel, so no racing writer can win
+        after they return True (a local disk). Object stores decide by request headers, which an S3-compatible
+        store may ignore."""
+        return conditional_writes(self.fs).exclusive
+
     @retrying
     def create(self, name: str, data: bytes) -> bool:
         """Write `name` only if it does not exist; False when it does. Atomic on a local disk, S3 and GCS;
@@ -175,7 +182,7 @@ def storage_errors(what: str):
 
 def prime_parquet() -> None:
     """The first Parquet write in a process imports pandas and more (0.2 s of CPU or so); a worker does it
-    once before its engine starts, so it never takes that time from the engine's first unit."""
+    once while its engine loads, so it never takes that time from the engine's first unit."""
     buf = pa.BufferOutputStream()
     pq.write_table(pa.table({"x": [1]}), buf)
     pq.ParquetFile(pa.BufferReader(buf.getvalue())).read_row_groups([0])

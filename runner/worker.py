@@ -7,6 +7,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 
 from runner.batching import END, BatchLoop, UnitWork
 from runner.engines import create_engine
@@ -20,6 +21,12 @@ log = logging.getLogger(__name__)
 
 BEAT_S = 1.0  # how often a worker tells the coordinator whether its engine progresses
 COMMITS_PENDING = 2  # finished units waiting for the store before the engine loop waits too
+SENDS_PENDING = 8  # reports of committed units sent to the coordinator and not yet acknowledged
+REPORT_EVERY = 8  # a busy writer reports committed units to the coordinator at least this often
+LEASE_AHEAD_S = 0.05  # a fast engine leases about this much of its work at once ...
+LEASE_MAX = 16  # ... but at most this many times the pool's units per lease
+PACE_UNITS = 8  # ... judged by how fast the engine loop took its last this many units
+WAIT_S = (0.02, 0.2)  # a worker told to wait asks again after 20 ms, backing off to 0.2 s
 REFIND_S = 120.0  # how long a worker waits for the driver to replace a lost coordinator
 
 
@@ -34,6 +41,7 @@ class CoordinatorLink:
     def __init__(self, handle, name: str, namespace: str, worker: str, held):
         self.handle, self.name, self.namespace, self.worker, self.held = handle, name, namespace, worker, held
         self.lock = threading.Lock()
+        self.sent: deque = deque()  # (ref, method, args) of `send` calls not yet acknowledged
 
     def call(self, method: str, *args):
         import ray
@@ -48,6 +56,27 @@ class CoordinatorLink:
     def tell(self, method: str, *args) -> None:
         """Fire and forget (a heartbeat): one lost with a lost coordinator does not matter."""
         getattr(self.handle, method).remote(*args)
+
+    def send(self, method: str, *args) -> None:
+        """A call whose answer the caller does not wait for (a unit committed): the writer goes on to the next
+        unit instead of waiting a round trip per unit. At most SENDS_PENDING are in flight; one that met a lost
+        coordinator is made again, through `call`, on its replacement. Calls from one thread of a worker reach
+        the coordinator in the order made. One thread sends; `drain` waits for the rest."""
+        self.sent.append((getattr(self.handle, method).remote(*args), method, args))
+        while len(self.sent) > SENDS_PENDING:
+            self._acknowledged(*self.sent.popleft())
+
+    def drain(self) -> None:
+        while self.sent:
+            self._acknowledged(*self.sent.popleft())
+
+    def _acknowledged(self, ref, method: str, args: tuple) -> None:
+        import ray
+
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError:
+            self.call(method, *args)
 
     def _refind(self, dead) -> None:
         import ray
@@ -77,6 +106,8 @@ class UnitFeed:
     def __init__(self, link: CoordinatorLink, reader: RowGroupReader, worker, prefetch: int, lease_units: int = 1):
         self.link, self.reader, self.worker, self.lease_units = link, reader, worker, lease_units
         self.ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.unit_s = 0.0  # how long the engine loop took per unit, over its last PACE_UNITS; 0 until then
+        self.taken: deque[float] = deque(maxlen=PACE_UNITS + 1)  # when it took them (the loop's thread only)
         self.thread = threading.Thread(target=self._run, name=f"feed-{worker.name}", daemon=True)
         self.thread.start()
 
@@ -87,14 +118,17 @@ class UnitFeed:
             self.ready.put(e)
 
     def _lease_and_read(self) -> None:
+        wait = WAIT_S[0]
         while True:
-            lease = self.link.call("next_units", self.worker.identity, self.lease_units)
+            lease = self.link.call("next_units", self.worker.identity, self.lease_size())
             if lease.state == "done":
                 self.ready.put(END)
                 return
             if lease.state == "wait":
-                time.sleep(0.2)
+                time.sleep(wait)
+                wait = min(2 * wait, WAIT_S[1])
                 continue
+            wait = WAIT_S[0]
             for unit, attempt in zip(lease.units, lease.attempts):
                 self.worker.hold(unit.id, attempt)
                 try:
@@ -103,6 +137,14 @@ class UnitFeed:
                     log.warning("%s: %s", self.worker.name, e)
                     self.worker.failed(unit.id, f"read_error: {e}")
 
+    def lease_size(self) -> int:
+        """The pool's units per lease, or for an engine that takes a unit in a few ms, as many as it runs in
+        LEASE_AHEAD_S (at most LEASE_MAX times as many): one round trip to the coordinator then serves many
+        units. A slower engine's leases stay as the pool sets them, so no worker holds work another could run."""
+        if not self.unit_s:
+            return self.lease_units
+        return max(self.lease_units, min(self.lease_units * LEASE_MAX, int(LEASE_AHEAD_S / self.unit_s)))
+
     def get(self, block: bool):
         try:
             item = self.ready.get(block=block, timeout=None if block else 0)
@@ -110,6 +152,10 @@ class UnitFeed:
             return None
         if isinstance(item, Exception):
             raise item
+        if item is not END:
+            self.taken.append(time.monotonic())
+            if len(self.taken) == self.taken.maxlen:
+                self.unit_s = (self.taken[-1] - self.taken[0]) / PACE_UNITS
         return item
 
 
@@ -138,6 +184,7 @@ class Worker:
         self.loop: BatchLoop | None = None
         self.store = OutputStore(spec)
         self.commits: queue.Queue = queue.Queue(maxsize=COMMITS_PENDING)
+        self.unreported: list = []  # stats of units committed and not yet reported (the writer's own)
         self.waiting_on_store = False
         self.writer_error: BaseException | None = None
         self.tokens = 0
@@ -147,17 +194,23 @@ class Worker:
 
     def load(self) -> None:
         pool = self.spec.workers[self.pool_index]
+        # Beside the model's load, which llama.cpp and vLLM do mostly without holding the GIL.
+        primed = threading.Thread(target=prime_parquet, name="prime-parquet", daemon=True)
+        primed.start()
         try:
             self.engine = create_engine(pool, self.spec)
         except Exception as e:
             model = getattr(pool, "model", None) or pool.engine
             why = first_line(e).removeprefix(f"{model}: ")
             raise ModelError(f"pool {self.pool}: cannot load {model}: {why}") from None
-        prime_parquet()
+        finally:
+            primed.join()
 
     def run(self) -> dict:
         """Load the engine, then work until the coordinator has nothing left; returns this worker's totals."""
+        started = time.time()
         self.load()
+        self.link.tell("loaded", self.identity, time.time() - started)
         started = time.time()
         writer = threading.Thread(target=self._commit_loop, name="commit", daemon=True)
         writer.start()
@@ -172,6 +225,7 @@ class Worker:
             writer.join()
             if self.writer_error is not None:
                 raise self.writer_error
+            self.link.drain()
         finally:
             stop_beat.set()
             self.engine.close()
@@ -201,9 +255,16 @@ class Worker:
             self.held.pop(unit_id, None)
 
     def completed(self, stats) -> None:
-        """Report a unit committed (with its stats); it is no longer held."""
+        """A unit is committed: it is no longer held, and the writer reports it (`_report`)."""
         self._release(stats.unit_id)
-        self.link.call("complete", self.identity, stats)
+        self.unreported.append(stats)
+
+    def _report(self) -> None:
+        """Tell the coordinator of the units committed since the last report, in one call, not waited for
+        (`send`): an idle writer reports each unit at once, a busy one every few units."""
+        if self.unreported:
+            stats, self.unreported = self.unreported, []
+            self.link.send("complete_all", self.identity, stats)
 
     def failed(self, unit_id: str, error: str) -> None:
         """Report a unit that could not be read or committed; it is no longer held."""
@@ -229,6 +290,9 @@ class Worker:
         try:
             while (work := self.commits.get()) is not None:
                 self._commit(work)
+                if self.commits.empty() or len(self.unreported) >= REPORT_EVERY:
+                    self._report()
+            self._report()
         except BaseException as e:  # the engine loop raises it at its next commit
             self.writer_error = e
 
@@ -236,8 +300,9 @@ class Worker:
         unit = work.unit
         try:
             stats = self.store.commit_results(
-                unit, work.inputs, work.results, pool=self.pool, worker=self.name, node=self.node,
-                run_id=self.run_id, attempt=work.attempt, started_at=work.started_at, finished_at=time.time())
+                unit, work.inputs, work.results, self.engine.embedding_dim, pool=self.pool, worker=self.name,
+                node=self.node, run_id=self.run_id, attempt=work.attempt, started_at=work.started_at,
+                finished_at=time.time())
         except Exception as e:
             log.error("%s: commit of %s failed: %s", self.name, unit.id, e)
             self.failed(unit.id, f"commit_error: {e}")

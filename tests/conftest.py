@@ -103,6 +103,29 @@ def write_shard(path: str | os.PathLike, prompts: list, ids: list | None = None,
     return table
 
 
+@pytest.fixture(scope="module")
+def single(tiny_model):
+    """A llama.cpp engine decoding one sequence at a time: the reference batched rows are compared with."""
+    from runner.engines.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(tiny_model, n_ctx=256, parallel=1, prefix_reuse=False)
+    yield engine
+    engine.close()
+
+
+def run_all(engine, requests):
+    """Every request through an engine, driven as the batching loop drives it: {request id: completion}, each
+    completion once."""
+    for r in requests:
+        engine.add(r)
+    out = {}
+    while engine.has_unfinished():
+        for c in engine.step():
+            assert c.request_id not in out
+            out[c.request_id] = c
+    return out
+
+
 def write_job(path: Path, body: str) -> Path:
     path.write_text(textwrap.dedent(body))
     return path

@@ -209,7 +209,14 @@ def test_report_of_a_job_yaml_or_an_output_path(tmp_path):
         unit_rows: 4
         workers: [{{engine: echo, num_cpus: 0.5}}]
         """)
-    assert subprocess.run([*RUNNER, "submit", str(job), "--no-dashboard", "--no-progress"], timeout=300).returncode == 0
+    run = subprocess.run([*RUNNER, "submit", str(job), "--no-dashboard", "--no-progress"], timeout=300,
+                         capture_output=True, text=True, env={**os.environ, "RUNNER_TIMINGS": "1"})
+    assert run.returncode == 0, run.stderr
+    timings = next(line for line in run.stderr.splitlines() if line.startswith("runner: timings: "))
+    phases = [p.rsplit(" ", 1)[0] for p in timings.split(": ", 2)[2].split("; ")[0].split(", ")]
+    assert phases[:4] == ["start", "plan", "claim", "ray start"], timings
+    assert sorted(phases[-2:]) == ["finish", "ray stop"], timings  # the two overlap: either may end first
+    assert any(p.startswith("workers up (engine load ") for p in phases), timings
     report = tmp_path / "out" / "_report.html"
     assert 'data-pool="echo0"' in report.read_text()  # written at the job's end
     report.unlink()

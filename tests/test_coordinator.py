@@ -147,3 +147,13 @@ def test_progress_says_how_long_each_worker_has_stalled():
     c.worker_lost("a", "stalled")
     c.beat("a", 9.0)  # a late beat from the killed worker
     assert "a" not in c.progress()["stalled_s"]
+
+
+def test_several_commits_reported_in_one_call_and_the_run_timed():
+    c = Coordinator(units(3), max_attempts=2)
+    lease = c.next_units("w", 3)
+    c.loaded("w", 0.25)
+    c.complete_all("w", [stats(u.id) for u in lease.units])
+    assert c.progress()["finished"] and [s.unit_id for s in c.committed()] == [u.id for u in lease.units]
+    t = c.timings()
+    assert t["first_lease"] <= t["first_commit"] <= t["last_commit"] and t["load_s"] == {"w": 0.25}

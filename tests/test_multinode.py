@@ -27,6 +27,7 @@ from tests.conftest import free_port, slow_echo_job, write_job, write_shard
 BIN = Path(sys.executable).parent
 STANDINS = Path(__file__).resolve().parent / "standins"
 ROWS, UNIT = 960, 8
+MAX_TOKENS = 32  # enough work on the llama.cpp pool that the stand-in vLLM replica loads before it runs out
 
 
 class LocalCluster:
@@ -141,7 +142,7 @@ def mixed_job(tmp_path_factory, tiny_model):
         name: mixed
         input: {{path: {root / 'in'}, id_column: id}}
         output: {{path: {root / 'out'}}}
-        sampling: {{max_tokens: 6}}
+        sampling: {{max_tokens: {MAX_TOKENS}}}
         unit_rows: {UNIT}
         workers:
           - engine: vllm
@@ -185,7 +186,7 @@ def test_one_job_two_pools_each_on_its_node_type(cluster, mixed_job):
     by_id = {r["id"]: r["text"] for r in table}
     first_gpu = sorted(gpu_units)[0]  # the stand-in's rows read back the prompt's first words
     gpu_rows = pq.read_table(root / "out" / f"{first_gpu}.parquet", columns=["id"]).column("id").to_pylist()
-    assert all(by_id[i] == " ".join(prompts[i].split()[:6]) for i in gpu_rows)
+    assert all(by_id[i] == " ".join(prompts[i].split()[:MAX_TOKENS]) for i in gpu_rows)
 
     names = {a["name"] for a in cluster.state("actors")}
     assert {"gpu-0", "cpu-0", "coordinator"} <= names

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 from runner.spec import Sampling
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     """One row to generate from: a prompt, or chat `messages` ([{role, content}, ...]) that the engine
     renders with the model's chat template. `id` is unique within one engine's lifetime."""
@@ -19,9 +19,32 @@ class Request:
     messages: list[dict] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log-probability, with the `top` most likely alternatives (token, logprob) at its step."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One of a row's `n` completions."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
-    """The result of one request: text on success, error (and no text) when the row failed."""
+    """The result of one request: text on success, error (and no text) when the row failed.
+
+    Engines fill `logprobs` when the row's sampling asks for them, `choices` (every completion, the first
+    being `text`) when n > 1, and `embedding` instead of text for task embed. `parsed` is set after
+    decoding, by runner.structured, for a row whose text follows its JSON schema.
+    """
 
     request_id: int
     text: str | None
@@ -30,6 +53,10 @@ class Completion:
     completion_tokens: int = 0
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens taken from a shared prefix instead of computed
+    logprobs: list[TokenLogprob] | None = None
+    choices: list[Choice] | None = None
+    embedding: Sequence[float] | None = None
+    parsed: Any = None
 
     @classmethod
     def failed(cls, request_id: int, error: str, prompt_tokens: int = 0) -> "Completion":
@@ -44,10 +71,12 @@ class Engine(Protocol):
     error), `step` advances every running sequence by one decode and returns the requests
     that finished, `abort` drops a request, `has_unfinished` says whether `step` has work.
     `capacity` is how many sequences the engine decodes at once; the caller keeps that
-    many (and a few more) in flight.
+    many (and a few more) in flight. An engine built for task embed answers each request with
+    an embedding; `embedding_dim` is its width (0 for a generating engine).
     """
 
     capacity: int
+    embedding_dim: int
 
     def add(self, request: Request) -> None: ...
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 from collections import deque
+
+import numpy as np
 
 from runner.engines.base import Completion, Request
 from runner.pools import EchoPool
@@ -16,12 +19,14 @@ class EchoEngine:
 
     engine_args: `step_s` sleeps that long each step (to model a slow engine); `crash_on` ends the whole
     process, as a native crash would, when a prompt contains that text (a poison row); `hang_on` makes the
-    step never return, as a deadlocked native engine would.
+    step never return, as a deadlocked native engine would. For task embed a row's vector counts its words'
+    hashes in `dim` buckets: the same text always gives the same vector.
     """
 
     def __init__(self, capacity: int = 8, step_s: float = 0.0, crash_on: str | None = None,
-                 hang_on: str | None = None):
+                 hang_on: str | None = None, embedding_dim: int = 0, normalize: bool = True):
         self.capacity = capacity
+        self.embedding_dim, self.normalize = embedding_dim, normalize
         self.step_s = step_s
         self.crash_on = crash_on
         self.hang_on = hang_on
@@ -30,7 +35,8 @@ class EchoEngine:
     @classmethod
     def from_pool(cls, pool: EchoPool, spec: JobSpec) -> "EchoEngine":
         args = pool.engine_args
-        return cls(capacity=pool.parallel, step_s=args.step_s, crash_on=args.crash_on, hang_on=args.hang_on)
+        return cls(capacity=pool.parallel, step_s=args.step_s, crash_on=args.crash_on, hang_on=args.hang_on,
+                   embedding_dim=args.dim if spec.task == "embed" else 0, normalize=spec.embedding.normalize)
 
     def add(self, request: Request) -> None:
         self.queue.append(request)
@@ -52,10 +58,20 @@ class EchoEngine:
             while self.hang_on and r.prompt and self.hang_on in r.prompt:
                 time.sleep(3600)
             words = (r.prompt if r.messages is None else r.messages[-1]["content"]).split()
+            if self.embedding_dim:
+                done.append(Completion(r.id, None, None, len(words), embedding=self._embed(words)))
+                continue
             out = words[: r.sampling.max_tokens]
             reason = "length" if len(words) > r.sampling.max_tokens else "stop"
             done.append(Completion(r.id, " ".join(out), reason, len(words), len(out)))
         return done
+
+    def _embed(self, words: list[str]) -> np.ndarray:
+        vector = np.zeros(self.embedding_dim, np.float32)
+        for w in words:
+            vector[zlib.crc32(w.encode()) % self.embedding_dim] += 1.0
+        norm = float(np.linalg.norm(vector))
+        return vector / norm if self.normalize and norm else vector
 
     def close(self) -> None:
         self.queue.clear()

@@ -9,7 +9,11 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 
-from runner.engines.base import Completion, Request
+import numpy as np
+
+from runner.engines.base import Choice, Completion, Request, TokenLogprob
+from runner.engines.llamacpp_chat import ChatTemplate, RowError
+from runner.engines.llamacpp_grammar import GrammarError, Grammars, GrammarTextDecoder
 from runner.errors import EngineError, ModelError
 from runner.pools import LlamaCppPool
 from runner.spec import JobSpec, Sampling
@@ -24,11 +28,27 @@ def _llama():
 
 
 @dataclass
+class _Group:
+    """The n choices of one row. The first choice's prompt KV is copied to the others when its prefill ends;
+    the row completes once, when every choice has finished."""
+
+    n: int
+    queued: int = 1  # choices handed a slot or a place in the queue
+    choices: list[Choice | None] = field(default_factory=list)
+    first: _Seq | None = None  # the first choice, once finished: its logprobs and cached tokens are the row's
+
+    def __post_init__(self):
+        self.choices = [None] * self.n
+
+
+@dataclass
 class _Pending:
-    """A request waiting for a slot, tokenized on arrival."""
+    """A request (or one of its choices) waiting for a slot, tokenized on arrival."""
 
     request: Request
     tokens: list[int]
+    choice: int = 0
+    group: _Group | None = None
 
 
 @dataclass
@@ -51,12 +71,16 @@ class _Seq:
     slot: int
     prompt: list[int]
     sampler: object
+    choice: int = 0
+    group: _Group | None = None
     fed: int = 0  # tokens already in the KV cache
     reused: int = 0  # of them, copied from the shared prefix
     next_token: int | None = None  # sampled, not yet fed
     generated: int = 0
     text: str = ""
-    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    decoder: codecs.IncrementalDecoder | GrammarTextDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    logprobs: list[TokenLogprob] | None = None  # kept only when the row asks for them
 
     @property
     def prefilling(self) -> bool:
@@ -70,7 +94,15 @@ class LlamaCppEngine:
     generating sequence, and samples each sequence with its own sampler chain. A finished
     sequence's KV is freed and its slot refilled on the next step. A token prefix shared by queued
     prompts is computed once in a spare sequence and copied to each new one.
+
+    A constrained row (schema, regex, choice, grammar) has llama.cpp's grammar sampler first in its chain;
+    a row asking for logprobs gets them from each step's raw logits. A row with n choices takes n slots:
+    its first choice's prompt KV is copied to the others when its prefill ends, and choice i samples with
+    seed + i. `capacity` counts sequences, so at most `parallel` decode at once whatever the rows' n.
+    For task embed, `from_pool` builds a LlamaCppEmbedder instead.
     """
+
+    embedding_dim = 0  # a generating engine
 
     def __init__(self, model_path: str, n_ctx: int = 2048, parallel: int = 8, n_threads: int = 1,
                  n_batch: int = 512, flash_attn: bool = False, kv_unified: bool = False,
@@ -113,33 +145,43 @@ class LlamaCppEngine:
         self.prefix_checked_for: int | None = None  # request id at the queue head when a prefix was last sought
         self.prefix_tokens_reused = 0  # prompt tokens copied from a shared prefix instead of computed
         self.prefix_tokens_computed = 0  # tokens computed for shared prefixes
+        self.grammars = Grammars(ll, self.vocab)
         template = chat_template or self._model_template()
         self.chat = ChatTemplate(template, self) if template else None
 
     @classmethod
-    def from_pool(cls, pool: LlamaCppPool, spec: JobSpec) -> "LlamaCppEngine":
+    def from_pool(cls, pool: LlamaCppPool, spec: JobSpec):
+        """The pool's engine: this one to generate, a LlamaCppEmbedder for task embed."""
         from runner.storage import fetch_to_cache
 
         cache = os.environ.get("RUNNER_CACHE", os.path.expanduser("~/.cache/runner/models"))
         path = fetch_to_cache(pool.model, pool.model_storage_options, cache)
+        if spec.task == "embed":
+            from runner.engines.llamacpp_embed import LlamaCppEmbedder
+
+            return LlamaCppEmbedder(path, pool.n_ctx, pool.parallel, pool.threads, pool.n_batch, pool.pooling,
+                                    spec.embedding.normalize, pool.flash_attn)
         return cls(path, pool.n_ctx, pool.parallel, pool.threads, pool.n_batch, pool.flash_attn, pool.kv_unified,
                    pool.prefix_reuse, pool.prefix_min_tokens, pool.chat_template)
 
     # -- the engine protocol -------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        """Tokenize now (so queued prompts can be searched for a shared prefix); a row that cannot run
-        comes back failed from the next `step`."""
+        """Tokenize now (so queued prompts can be searched for a shared prefix) and parse the row's grammar;
+        a row that cannot run comes back failed from the next `step`."""
         try:
             tokens = self._prompt_tokens(request)
-        except RowError as e:
+            if request.sampling.constrained:
+                self.grammars.check(request.sampling)
+        except (RowError, GrammarError) as e:
             self.failed.append(Completion.failed(request.id, str(e)))
             return
         if len(tokens) >= self.n_ctx:
             self.failed.append(Completion.failed(
                 request.id, f"prompt_too_long: {len(tokens)} tokens, the context holds {self.n_ctx}", len(tokens)))
             return
-        self.waiting.append(_Pending(request, tokens))
+        n = request.sampling.n
+        self.waiting.append(_Pending(request, tokens, 0, _Group(n) if n > 1 else None))
 
     def abort(self, request_id: int) -> None:
         self.waiting = deque(p for p in self.waiting if p.request.id != request_id)
@@ -166,7 +208,7 @@ class LlamaCppEngine:
             rc = self.ll.llama_decode(self.ctx, self.batch)
             if rc != 0:
                 raise EngineError(f"llama_decode failed with code {rc} on a batch of {self.batch.n_tokens} tokens")
-            for seq, index in fed:
+            for seq, index in fed + self._fork(fed):
                 finished = self._sample(seq, index)
                 if finished:
                     done.append(finished)
@@ -177,6 +219,7 @@ class LlamaCppEngine:
             if seq:
                 self._release(seq)
         self.prefix = None
+        self.grammars.close()
         if self.ctx:
             self.ll.llama_batch_free(self.batch)
             self.ll.llama_free(self.ctx)
@@ -186,14 +229,7 @@ class LlamaCppEngine:
     # -- internals -----------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (self.ll.llama_token * n_max)()
-        n = self.ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            buf = (self.ll.llama_token * -n)()
-            n = self.ll.llama_tokenize(self.vocab, data, len(data), buf, -n, add_special, parse_special)
-        return list(buf[:n])
+        return tokenize(self.ll, self.vocab, text, add_special, parse_special)
 
     def piece(self, token: int, special: bool = False) -> bytes:
         if special:
@@ -253,7 +289,9 @@ class LlamaCppEngine:
             seq.slot, slots[free], slots[last] = free, seq, None
 
     def _start(self, p: _Pending, slot: int) -> _Seq:
-        seq = _Seq(p.request, slot, p.tokens, self._sampler(p.request.sampling))
+        seq = self._new_seq(p.request, p.tokens, slot, p.choice, p.group)
+        if p.choice and self._copy_sibling(seq):
+            return seq
         prefix = self.prefix
         if prefix and prefix.ready:
             # at least one prompt token is left to decode so the sequence has logits of its own
@@ -266,6 +304,46 @@ class LlamaCppEngine:
                 self.prefix_tokens_reused += reuse
         return seq
 
+    def _new_seq(self, request: Request, prompt: list[int], slot: int, choice: int, group: _Group | None) -> _Seq:
+        s = request.sampling
+        seq = _Seq(request, slot, prompt, self._sampler(s, choice), choice, group,
+                   logprobs=[] if s.logprobs and choice == 0 else None)  # a row's logprobs are its first choice's
+        if s.constrained:
+            seq.decoder = GrammarTextDecoder()
+        return seq
+
+    def _fork(self, fed: list[tuple[_Seq, int]]) -> list[tuple[_Seq, int]]:
+        """The further choices of each row whose first choice just ended its prefill: its KV is copied into
+        free slots, and they sample from the same logits. Choices that find no free slot queue at the front."""
+        forks = []
+        for first, index in fed:
+            group = first.group
+            if group is None or first.choice or group.queued == group.n:
+                continue
+            free = [i for i, s in enumerate(self.slots) if s is None][: group.n - group.queued]
+            for slot in free:
+                self.ll.llama_memory_seq_cp(self.memory, first.slot, slot, -1, -1)
+                seq = self.slots[slot] = self._new_seq(first.request, first.prompt, slot, group.queued, group)
+                seq.fed = first.fed
+                forks.append((seq, index))
+                group.queued += 1
+            for choice in range(group.n - 1, group.queued - 1, -1):
+                self.waiting.appendleft(_Pending(first.request, first.prompt, choice, group))
+            group.queued = group.n
+        return forks
+
+    def _copy_sibling(self, seq: _Seq) -> bool:
+        """Start a choice from the prompt KV of another choice of its row that is past its prefill, if one is
+        still running; its last prompt token is decoded again, for logits of its own."""
+        sibling = next((s for s in self.slots if s and s.group is seq.group and not s.prefilling), None)
+        if sibling is None:
+            return False
+        keep = len(seq.prompt) - 1
+        self.ll.llama_memory_seq_cp(self.memory, sibling.slot, seq.slot, -1, -1)
+        self.ll.llama_memory_seq_rm(self.memory, seq.slot, keep, -1)
+        seq.fed = keep
+        return True
+
     def _seek_prefix(self) -> bool:
         """Start computing a new shared prefix when the queue head shares one with the requests behind it.
 
@@ -275,8 +353,8 @@ class LlamaCppEngine:
         """
         if self.prefix and not self.prefix.ready:
             return True
-        if len(self.waiting) < 2 or self.waiting[0].request.id == self.prefix_checked_for:
-            return False
+        if len(self.waiting) < 2 or self.waiting[0].request.id == self.prefix_checked_for or self.waiting[0].choice:
+            return False  # (a further choice of a row copies its prompt from a running sibling)
         head = self.waiting[0]
         self.prefix_checked_for = head.request.id
         if self.prefix and _common_prefix(self.prefix.tokens, head.tokens) >= self.prefix_min:
@@ -337,6 +415,8 @@ class LlamaCppEngine:
         sampling = seq.request.sampling
         if self.ll.llama_vocab_is_eog(self.vocab, token):
             return self._finish(seq, "stop")
+        if seq.logprobs is not None:
+            seq.logprobs.append(self._logprob(index, token, sampling.logprobs))
         seq.generated += 1
         seq.text += seq.decoder.decode(self.piece(token))
         if sampling.stop and self._cut_at_stop(seq, sampling):
@@ -355,20 +435,56 @@ class LlamaCppEngine:
             seq.text = seq.text[: min(hits)]
         return bool(hits)
 
-    def _finish(self, seq: _Seq, reason: str) -> Completion:
+    def _logprob(self, index: int, token: int, k: int) -> TokenLogprob:
+        """The token's log-probability under the step's raw logits (before penalties, temperature or grammar),
+        with the k most likely tokens, most likely first."""
+        raw = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        shifted = raw.astype(np.float64) - raw.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        k = min(k, self.n_vocab)
+        top = np.argpartition(logprobs, -k)[-k:]
+        top = top[np.argsort(-logprobs[top], kind="stable")]
+        return TokenLogprob(self._token_text(token), float(logprobs[token]),
+                            [(self._token_text(int(t)), float(logprobs[t])) for t in top])
+
+    def _token_text(self, token: int) -> str:
+        """A token's text; a control token (EOS, which has no text) by its name."""
+        return (self.piece(token) or self.piece(token, special=True)).decode("utf-8", "replace")
+
+    def _finish(self, seq: _Seq, reason: str) -> Completion | None:
         if reason == "length":
             seq.text += seq.decoder.decode(b"", final=True)
         self._release(seq)
-        return Completion(seq.request.id, seq.text, reason, len(seq.prompt), seq.generated, cached_tokens=seq.reused)
+        if seq.group is not None:
+            return self._finish_choice(seq, reason)
+        return Completion(seq.request.id, seq.text, reason, len(seq.prompt), seq.generated, cached_tokens=seq.reused,
+                          logprobs=seq.logprobs)
+
+    @staticmethod
+    def _finish_choice(seq: _Seq, reason: str) -> Completion | None:
+        """Record one choice; the row completes with its last choice, its own fields being the first choice's."""
+        group = seq.group
+        group.choices[seq.choice] = Choice(seq.text, reason, seq.generated)
+        if seq.choice == 0:
+            group.first = seq
+        if any(c is None for c in group.choices):
+            return None
+        first = group.first
+        return Completion(first.request.id, first.text, group.choices[0].finish_reason, len(first.prompt),
+                          first.generated, cached_tokens=first.reused, logprobs=first.logprobs,
+                          choices=list(group.choices))
 
     def _release(self, seq: _Seq) -> None:
         self.ll.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
         self.ll.llama_sampler_free(seq.sampler)
         self.slots[seq.slot] = None
 
-    def _sampler(self, s: Sampling):
+    def _sampler(self, s: Sampling, choice: int = 0):
+        """The sequence's sampler chain; the chain owns (and frees) every sampler added to it, the grammar's too."""
         ll = self.ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if s.constrained:  # first, so every later sampler sees only the tokens the grammar allows
+            ll.llama_sampler_chain_add(chain, self.grammars.sampler(s))
         if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
                 self.n_vocab, 64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))
@@ -382,8 +498,19 @@ class LlamaCppEngine:
         if s.min_p > 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(s.min_p, 1))
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(s.temperature))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(s.seed))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist((s.seed + choice) & 0xFFFFFFFF))
         return chain
+
+
+def tokenize(ll, vocab, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    data = text.encode("utf-8")
+    n_max = len(data) + 8
+    buf = (ll.llama_token * n_max)()
+    n = ll.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
+    if n < 0:
+        buf = (ll.llama_token * -n)()
+        n = ll.llama_tokenize(vocab, data, len(data), buf, -n, add_special, parse_special)
+    return list(buf[:n])
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -396,45 +523,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
         else:
             hi = mid - 1
     return lo
-
-
-class RowError(Exception):
-    """A row that cannot run; its message becomes the row's error."""
-
-
-class ChatTemplate:
-    """Renders a messages list with the model's Jinja chat template, as Hugging Face tokenizers do."""
-
-    def __init__(self, source: str, engine: "LlamaCppEngine"):
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        self.errors = TemplateError
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
-        try:
-            self.template = env.from_string(source)
-        except TemplateError as e:
-            raise ModelError(f"chat template does not compile: {e}") from None
-        special = {}
-        for name, fn in (("bos_token", engine.ll.llama_vocab_bos), ("eos_token", engine.ll.llama_vocab_eos)):
-            token = fn(engine.vocab)
-            special[name] = engine.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
-        self.special = special
-
-    def render(self, messages: list[dict]) -> str:
-        try:
-            return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
-        except self.errors as e:
-            raise RowError(f"chat_template_error: {e}") from None
-        except Exception as e:  # a template is code: any failure is this row's
-            raise RowError(f"chat_template_error: {type(e).__name__}: {e}") from None
-
-
-def _raise_template_error(message: str):
-    from jinja2.exceptions import TemplateError
-
-    raise TemplateError(message)
 
 
 def _silent(level, text, user_data):  # llama.cpp logs every load to stderr otherwise

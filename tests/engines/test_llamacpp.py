@@ -6,6 +6,8 @@ from runner.engines.base import Request  # noqa: E402
 from runner.engines.llamacpp import LlamaCppEngine  # noqa: E402
 from runner.spec import Sampling  # noqa: E402
 
+from conftest import run_all  # noqa: E402
+
 PROMPTS = [
     "Write a short summary of this review: the price was good.",
     "Answer the question: is the quality of this product bad?",
@@ -17,29 +19,11 @@ PROMPTS = [
 ]
 
 
-def run_all(engine, requests):
-    for r in requests:
-        engine.add(r)
-    out = {}
-    while engine.has_unfinished():
-        for c in engine.step():
-            assert c.request_id not in out
-            out[c.request_id] = c
-    return out
-
-
 def requests(prompts, **sampling):
     s = Sampling(**{"max_tokens": 24, **sampling})
     # uneven lengths: max_tokens differs per row so slots free and refill at different steps
     return [Request(i, p, s.model_copy(update={"max_tokens": s.max_tokens - (i % 3) * 5}))
             for i, p in enumerate(prompts)]
-
-
-@pytest.fixture(scope="module")
-def single(tiny_model):
-    engine = LlamaCppEngine(tiny_model, n_ctx=256, parallel=1, prefix_reuse=False)
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ class EngineArgs:
     disable_log_stats: bool = False
     quantization: str | None = None
     enforce_eager: bool = False
+    structured_outputs_config: object = None
 
 
 class Tokenizer:
@@ -106,6 +107,9 @@ class LLMEngine:
 
     def get_tokenizer(self):
         return self._tokenizer
+
+    def get_supported_tasks(self) -> tuple[str, ...]:
+        return ("generate",)
 
     def add_request(self, request_id, prompt, params, arrival_time=None, lora_request=None,
                     tokenization_kwargs=None, trace_headers=None, priority=0, prompt_text=None) -> str:

@@ -15,7 +15,7 @@ class SamplingParams:
     def __init__(self, n=1, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, temperature=1.0,
                  top_p=1.0, top_k=0, min_p=0.0, seed=None, stop=None, stop_token_ids=None, ignore_eos=False,
                  max_tokens=16, min_tokens=0, logprobs=None, detokenize=True, skip_special_tokens=True,
-                 output_kind=RequestOutputKind.CUMULATIVE):
+                 output_kind=RequestOutputKind.CUMULATIVE, structured_outputs=None):
         from vllm import VLLMValidationError
 
         if temperature > 2.0:
