@@ -51,7 +51,6 @@ class BatchLoop:
         self.ids = itertools.count()
         self.exhausted = False
         self.last_progress = time.monotonic()  # when a step last returned, or the loop was last idle
-        self.constrained = sampling.constrained  # the job's; a row's own sampling is asked per row
 
     def run(self) -> None:
         while True:
@@ -94,12 +93,8 @@ class BatchLoop:
 
     def _record(self, completion: Completion) -> None:
         work, row = self.owners.pop(completion.request_id)
-        if work.rows.samplings is None:
-            constrained, sampling = self.constrained, self.sampling
-        else:
-            sampling = work.rows.samplings[row]
-            constrained = sampling.constrained
-        self._settle(work, row, check(completion, sampling) if constrained else completion)
+        sampling = work.rows.samplings[row] if work.rows.samplings else self.sampling
+        self._settle(work, row, check(completion, sampling) if sampling.constrained else completion)
 
     def _settle(self, work: UnitWork, row: int, completion: Completion) -> None:
         if work.results[row] is not None:

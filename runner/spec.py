@@ -7,6 +7,7 @@ import json
 import os
 import posixpath
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -101,7 +102,7 @@ class Sampling(_Model):
                 raise ValueError(f"not a valid regular expression ({e})") from None
         return v
 
-    @property
+    @cached_property  # asked for each finished row
     def constrained(self) -> bool:
         """Whether decoding follows a schema, a regex, a choice or a grammar."""
         fmt = self.response_format
