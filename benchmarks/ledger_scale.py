@@ -31,7 +31,7 @@ from runner.engines.base import Completion
 from runner.job import RunOptions, finish, run_job
 from runner.ledger import LEDGER
 from runner.output import COMMITS, OutputStore, UnitStats
-from runner.plan import make_plan
+from runner.planning import make_plan
 from runner.spec import load_spec
 
 S3_KEY, S3_SECRET = "bench-key", "bench-secret"

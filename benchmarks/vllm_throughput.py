@@ -64,7 +64,7 @@ def on_gpu() -> bool:
 def batch_loop(engine, prompts: list[str], max_tokens: int, unit_rows: int) -> tuple[int, float]:
     """The runner's batching loop over units of `unit_rows` prompts, fed from memory; (tokens, seconds)."""
     from runner.batching import END, BatchLoop, UnitWork
-    from runner.plan import Unit
+    from runner.planning import Unit
     from runner.rows import Rows
     from runner.spec import Sampling
 

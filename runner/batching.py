@@ -11,7 +11,7 @@ from typing import Callable, Protocol
 import pyarrow as pa
 
 from runner.engines.base import Completion, Engine, Request
-from runner.plan import Unit
+from runner.planning import Unit
 from runner.rows import Rows, row_error
 from runner.spec import Sampling
 from runner.structured import check
@@ -86,7 +86,7 @@ class BatchLoop:
                 continue
             request_id = next(ids)
             owners[request_id] = (work, row)
-            add(Request(request_id, None, sampling, messages=prompt) if rows.chat
+            add(Request(request_id, None, sampling, messages=prompt) if isinstance(prompt, list)
                 else Request(request_id, prompt, sampling))
         if not rows.prompts:  # an empty unit settles no row, so nothing else would finish it
             self.on_unit_done(work)

@@ -68,6 +68,24 @@ def _address_option(f):
 
 
 @main.command()
+@click.argument("job_yaml", type=click.Path(dir_okay=False))
+@click.option("--calibrate", is_flag=True, help="Also run a small sample on one replica of each pool (on Ray, "
+                                                "written nowhere) for rates, the ETA and the cost.")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+@click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS") or None,
+              help="--calibrate on this Ray cluster's GCS address (HEAD:6379). Default: RAY_ADDRESS, else an "
+                   "embedded local Ray.")
+def plan(job_yaml: str, calibrate: bool, as_json: bool, address: str | None) -> None:
+    """Before spending: prompt tokens per pool, rows over context, most tokens generated; with --calibrate,
+    rates per replica, the ETA and the cost. Starts no engine without --calibrate."""
+    from runner.estimate import estimate, render
+
+    spec, _ = load_spec(job_yaml)
+    est = estimate(spec, calibrate=calibrate, address=address)
+    click.echo(json.dumps(est.model_dump(mode="json"), indent=2) if as_json else render(est))
+
+
+@main.command()
 @click.argument("job_yaml", type=click.Path(dir_okay=False), required=False)
 @_address_option
 @click.option("--overwrite", is_flag=True, help="Replace whatever the output location holds.")
@@ -201,14 +219,31 @@ def report(target: str) -> None:
     """Write _report.html into a job's output location: TARGET is its job.yaml or the OUTPUT_PATH URL
     (credentials from the environment, as fsspec finds them)."""
     from runner.report import write_report
+
+    click.echo(write_report(_output_location(target)))
+
+
+@main.command()
+@click.argument("target")
+@click.option("--format", "fmt", type=click.Choice(["openai-batch"]), default="openai-batch", show_default=True,
+              help="openai-batch: the OpenAI Batch API's output.jsonl and errors.jsonl, and its batch.json.")
+@click.option("--to", "dest", required=True, help="Directory (any fsspec URL) that receives the files.")
+def export(target: str, fmt: str, dest: str) -> None:
+    """Write a job's committed rows in another format: TARGET is its job.yaml or the OUTPUT_PATH URL."""
+    from runner.export import BATCH, ERRORS, OUTPUT, export_openai_batch
     from runner.storage import Location
 
-    if os.path.isfile(target) and target.endswith((".yaml", ".yml")):
-        spec, _ = load_spec(target)
-        loc = Location.open(spec.output.path, spec.output.storage_options)
-    else:
-        loc = Location.open(target)
-    click.echo(write_report(loc))
+    done = export_openai_batch(_output_location(target), Location.open(dest))
+    state = "" if done.job_succeeded else " (the job has not finished: only its committed rows)"
+    click.echo(f"exported {done.total} requests{state}: {done.completed} completed -> {done.dest}/{OUTPUT}, "
+               f"{done.failed} failed -> {done.dest}/{ERRORS}; batch object {done.dest}/{BATCH}")
+
+
+def _output_location(target: str):
+    """A job's output location: from its job.yaml, or TARGET is the location's URL."""
+    from runner.api import output_location
+
+    return output_location(target)
 
 
 @main.command("make-tiny-model")

@@ -10,7 +10,7 @@ import time
 
 from runner.coordinator import Coordinator
 from runner.errors import JobFailedError, ModelError
-from runner.plan import Unit
+from runner.planning import Unit
 from runner.pools import PoolBase
 from runner.progress import Progress, Timings
 from runner.spec import JobSpec
@@ -144,6 +144,30 @@ def replica_needs(pool: PoolBase) -> dict[str, float]:
     return {k: v for k, v in need.items() if v}
 
 
+def replica_group(pool: PoolBase, name: str | None = None):
+    """The placement group of a vLLM replica spanning several GPUs: one {GPU: 1} bundle per GPU, the first
+    holding the actor's own CPUs too. The actor holds no GPU itself; vLLM's Ray executor puts one engine
+    worker in each bundle."""
+    from ray.util.placement_group import placement_group
+
+    bundles = [{"GPU": 1.0, **accelerator(pool)} for _ in range(pool.gpus_per_replica)]
+    bundles[0].update({"CPU": pool.num_cpus, **pool.resources})  # the actor's own share
+    return placement_group(bundles, strategy="PACK" if pool.spans_nodes else "STRICT_PACK", name=name or "")
+
+
+def replica_options(pool: PoolBase, group=None) -> dict:
+    """Ray options that place one replica: by its resources, or in the first bundle of `group`
+    (replica_group's, for a replica spanning several GPUs)."""
+    if group is None:
+        return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus,
+                "resources": {**pool.resources, **accelerator(pool)} or None}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"num_cpus": pool.num_cpus, "num_gpus": 0, "resources": dict(pool.resources) or None,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
+
+
 def check_fits(spec: JobSpec, embedded: bool) -> None:
     """Say when a pool can never be placed instead of waiting forever. On a cluster joined by address
     the autoscaler may still add the nodes a pool needs, so there it is a warning."""
@@ -245,26 +269,13 @@ class Supervisor:
         self.live[actor.run.remote()] = (pool_index, replica, actor, identity)
 
     def placement(self, pool_index: int, replica: int) -> dict:
-        """Ray options that place one replica. A vLLM replica spanning several GPUs gets a placement group
-        of one {GPU: 1} bundle per GPU (kept for the replica's replacements too): the actor holds no GPU
-        itself, and vLLM's Ray executor puts one engine worker in each bundle."""
+        """Ray options that place one replica; a multi-GPU replica's placement group is kept for its
+        replacements too."""
         pool = self.spec.workers[pool_index]
-        accel = accelerator(pool)
-        if pool.gpus_per_replica <= 1:
-            return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus,
-                    "resources": {**pool.resources, **accel} or None}
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         key = (pool_index, replica)
-        if key not in self.groups:
-            bundles = [{"GPU": 1.0, **accel} for _ in range(pool.gpus_per_replica)]
-            bundles[0].update({"CPU": pool.num_cpus, **pool.resources})  # the actor's own share
-            self.groups[key] = placement_group(bundles, strategy="PACK" if pool.spans_nodes else "STRICT_PACK",
-                                               name=f"{self.namespace}-{self.spec.pool_names()[pool_index]}-{replica}")
-        return {"num_cpus": pool.num_cpus, "num_gpus": 0, "resources": dict(pool.resources) or None,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    self.groups[key], placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
+        if pool.gpus_per_replica > 1 and key not in self.groups:
+            self.groups[key] = replica_group(pool, f"{self.namespace}-{self.spec.pool_names()[pool_index]}-{replica}")
+        return replica_options(pool, self.groups.get(key))
 
     def run(self, show_progress: bool) -> tuple[list[tuple[Unit, str]], list]:
         """Returns the given-up units (with their last error) and the stats of the units committed."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from runner.output import UnitStats
-from runner.plan import Unit
+from runner.planning import Unit
 
 
 COUNTED = ("rows", "rows_ok", "rows_failed", "prompt_tokens", "completion_tokens")  # totals of committed units

@@ -17,11 +17,11 @@ from runner.errors import JobFailedError, RunnerError
 from runner.lock import JobLock
 from runner.ledger import Ledger
 from runner.output import OutputStore, UnitStats, summarize
-from runner.plan import Plan, Unit, make_plan
+from runner.planning import Plan, Unit, make_plan
 from runner.progress import Timings
 from runner.report import FAILED_POOL, write_report
 from runner.spec import JobSpec
-from runner.reader import RowGroupReader
+from runner.reader import open_reader
 from runner.storage import storage_errors
 
 if TYPE_CHECKING:
@@ -81,6 +81,10 @@ def run_job(spec: JobSpec, resolved_spec: dict, options: RunOptions = RunOptions
 def _run_locked(spec: JobSpec, resolved_spec: dict, options: RunOptions, plan: Plan, store: OutputStore,
                 run_id: str, started: float, lock: JobLock, cluster: RayCluster, timings: Timings) -> dict:
     resuming = store.begin(plan, resolved_spec, options.overwrite)
+    if plan.new_indexes:
+        from runner.batchfile import keep_indexes
+
+        keep_indexes(store.loc, plan)
     before = Ledger.resume(store.loc)  # one listing; only markers not yet rolled up are read
     timings.mark("claim")
     done = before.committed_ids
@@ -130,9 +134,9 @@ def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str,
     path, so none is lost. Returns its stats. `embedding_dim`: the width of the job's committed vectors
     (task embed), so every part has one schema; 0 only when no unit has any."""
     try:
-        inputs = RowGroupReader(spec).read(unit, 0).inputs
+        inputs = open_reader(spec).read(unit, 0).inputs
     except Exception:  # the input itself may be what fails; keep the rows' positions at least
-        cols = ([spec.input.id_column] if spec.input.id_column else []) + list(spec.input.columns)
+        cols = spec.input.copied_columns
         inputs = pa.table({c: pa.nulls(unit.num_rows) for c in cols} or {"_": pa.nulls(unit.num_rows)})
     message = f"unit_failed: after {spec.max_attempts} attempts: {error}"[:2000]
     results = [Completion.failed(i, message) for i in range(unit.num_rows)]
@@ -165,6 +169,9 @@ def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: 
         "tokens_per_s": round(new_tokens / wall, 1) if wall else 0.0,
         **summary, "spec": (store.job_record() or {}).get("spec"),
     }
+    if spec.input.format == "openai_batch":  # as the OpenAI Batch API counts its requests
+        manifest["request_counts"] = {"total": plan.total_rows, "completed": manifest.get("rows_ok", 0),
+                                      "failed": manifest.get("rows_failed", 0)}
     failed_limit = exceeds_failed_limit(spec, manifest.get("rows_failed", 0), plan.total_rows)
     ok = not missing and not failed_limit
     manifest["status"] = "succeeded" if ok else "failed"

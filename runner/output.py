@@ -13,7 +13,7 @@ import pyarrow as pa
 from runner.engines.base import Completion
 from runner.errors import EngineError, JobConflictError
 from runner.lock import LOCK
-from runner.plan import Plan, Unit
+from runner.planning import Plan, Unit
 from runner.spec import JobSpec
 from runner.storage import Location, storage_errors
 
@@ -60,7 +60,7 @@ def output_table(spec: JobSpec, unit: Unit, inputs: pa.Table, results: list[Comp
         "source_file": pa.array([unit.source_file] * unit.num_rows, pa.string()),
         "source_row": pa.array(np.arange(unit.row_start, unit.row_start + unit.num_rows, dtype=np.int64)),
     }
-    for name in ([spec.input.id_column] if spec.input.id_column else []) + list(spec.input.columns):
+    for name in spec.input.copied_columns:
         if name not in cols:
             cols[name] = inputs.column(name)
     if spec.task == "embed":
@@ -86,8 +86,9 @@ CHOICES = pa.list_(pa.struct([("text", pa.string()), ("finish_reason", pa.string
 
 def extra_columns(spec: JobSpec, results: list[Completion]) -> dict[str, pa.Array]:
     """`parsed` when the job's sampling has a JSON schema; `logprobs` and `choices` when the job's sampling
-    asks for them, or when rows may ask through sampling_column (then null where a row did not)."""
-    s, per_row = spec.sampling, spec.input.sampling_column is not None
+    asks for them, or when rows may ask (sampling_column, an OpenAI batch line's body): then null where a row
+    did not."""
+    s, per_row = spec.sampling, spec.input.sampling_column is not None or spec.input.format == "openai_batch"
     cols: dict[str, pa.Array] = {}
     if s.response_format is not None and s.response_format.json_schema is not None:
         from runner.structured import arrow_type, parsed_column

@@ -55,6 +55,9 @@ class PoolBase(BaseModel):
     stall_timeout_s: float = Field(
         300.0, gt=0, description="A replica whose engine holds rows this long without finishing a step is killed "
                                  "and replaced, and its units count an attempt (model loading excluded).")
+    cost_per_hour: float | None = Field(
+        None, ge=0, description="What one replica costs an hour (any currency): `runner plan --calibrate` "
+                                "prices the job with it. Changes no output.")
 
     @model_validator(mode="before")
     @classmethod

@@ -8,10 +8,20 @@ from fsspec.core import url_to_fs
 
 from runner.batching import UnitWork
 from runner.errors import InputError
-from runner.plan import Unit
+from runner.planning import Unit
 from runner.rows import read_rows
 from runner.spec import JobSpec
 from runner.storage import retrying
+
+
+def open_reader(spec: JobSpec):
+    """The reader of the job's input format: its `read(unit, attempt)` gives the unit's rows as engines take
+    them (a UnitWork)."""
+    if spec.input.format == "openai_batch":
+        from runner.batchfile import BatchFileReader
+
+        return BatchFileReader(spec)
+    return RowGroupReader(spec)
 
 
 class RowGroupReader:

@@ -20,10 +20,9 @@ CONSTRAINTS = {"response_format", "regex", "choice", "grammar"}
 
 @dataclass
 class Rows:
-    """A unit's rows as engines take them: `prompts` holds strings, or message lists when `chat`."""
+    """A unit's rows as engines take them: each prompt a string, or a chat row's message list."""
 
     prompts: list[str | Messages | None]
-    chat: bool = False
     samplings: list[Sampling] | None = None  # per row; None: the job's sampling for every row
     bad: dict[int, str] = field(default_factory=dict)  # rows known to fail before any engine sees them
 
@@ -33,7 +32,7 @@ def read_rows(table: pa.Table, spec: JobSpec) -> Rows:
     bad: dict[int, str] = {}
     column = table.column(inp.row_column)
     if inp.messages_column:
-        rows = Rows(decode_messages(column, bad), chat=True, bad=bad)
+        rows = Rows(decode_messages(column, bad), bad=bad)
     else:
         rows = Rows(decode_prompts(column, bad), bad=bad)
     if inp.sampling_column:
@@ -97,9 +96,18 @@ def _messages_problem(v) -> str | None:
 
 def decode_sampling(column: pa.ChunkedArray, base: Sampling, bad: dict[int, str]) -> list[Sampling]:
     """Each row's overrides (a struct, or a JSON object string) laid over the job's sampling."""
+    return overrides(column.to_pylist(), base, bad)
+
+
+def overrides(values: list, base: Sampling, bad: dict[int, str]) -> list[Sampling]:
+    """Each row's overrides (a dict, a JSON object string, or None for none) laid over `base`; a row whose
+    overrides are not valid sampling gets `bad_sampling` and `base`."""
     cache: dict[str, Sampling | str] = {}
     out: list[Sampling] = []
-    for i, v in enumerate(column.to_pylist()):
+    for i, v in enumerate(values):
+        if i in bad:  # the row already failed; its sampling is never asked
+            out.append(base)
+            continue
         if isinstance(v, str):
             try:
                 v = json.loads(v) if v.strip() else None

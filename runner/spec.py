@@ -125,8 +125,16 @@ class Sampling(_Model):
         return v
 
 
+OPENAI_BATCH_ONLY_PARQUET = ("prompt_column", "messages_column", "sampling_column", "id_column", "columns")
+
+
 class InputSpec(_Model):
-    path: PathOrUrl = Field(description="A Parquet file, a directory (every *.parquet below it) or a glob; any fsspec URL.")
+    path: PathOrUrl = Field(description="A Parquet file, a directory (every *.parquet below it) or a glob; any "
+                                        "fsspec URL. With format openai_batch: *.jsonl files instead.")
+    format: Literal["parquet", "openai_batch"] = Field(
+        "parquet", description="parquet, or openai_batch: JSONL request files as the OpenAI Batch API takes them "
+                               "(each line {custom_id, method, url, body}); a line's body is its row and its "
+                               "sampling, and custom_id is copied to the output.")
     prompt_column: str | None = Field("prompt", description="String column holding the prompt.")
     messages_column: str | None = Field(
         None, description="Chat rows instead of prompts: a list of {role, content} (or its JSON), rendered with "
@@ -146,11 +154,24 @@ class InputSpec(_Model):
 
     @model_validator(mode="after")
     def _one_source(self) -> "InputSpec":
+        if self.format == "openai_batch":
+            given = [k for k in OPENAI_BATCH_ONLY_PARQUET if k in self.model_fields_set]
+            if given:
+                raise ValueError(f"{given[0]} is a parquet setting; an openai_batch line's body holds its row and "
+                                 "sampling, and its custom_id is copied to the output")
+            return self
         if self.messages_column and self.prompt_column:
             raise ValueError("give prompt_column or messages_column, not both")
         if not (self.messages_column or self.prompt_column):
             raise ValueError("give prompt_column or messages_column")
         return self
+
+    @property
+    def copied_columns(self) -> list[str]:
+        """The input columns every output row carries, to join results back."""
+        if self.format == "openai_batch":
+            return ["custom_id", "url"]
+        return list(dict.fromkeys(([self.id_column] if self.id_column else []) + list(self.columns)))
 
     @property
     def row_column(self) -> str:
@@ -252,7 +273,9 @@ class JobSpec(_Model):
         # Keys left at their defaults are left out, so a job planned before they existed keeps its fingerprint.
         sampling = self.sampling.model_dump(exclude={k for k in _LATER_SAMPLING if k not in self.sampling.model_fields_set})
         body = {
-            "input": self.input.model_dump(exclude={"storage_options"}),
+            # format left at parquet is left out: jobs planned before it existed keep their fingerprint
+            "input": self.input.model_dump(exclude={"storage_options"} | ({"format"} if self.input.format == "parquet"
+                                                                          else set())),
             "sampling": sampling,
             "models": sorted({p.output_settings() for p in self.workers}, key=str),
             "unit_rows": self.unit_rows,

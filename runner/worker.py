@@ -13,7 +13,7 @@ from runner.batching import END, BatchLoop, UnitWork
 from runner.engines import create_engine
 from runner.errors import ModelError, RunnerError, first_line
 from runner.output import OutputStore
-from runner.reader import RowGroupReader
+from runner.reader import open_reader
 from runner.spec import JobSpec
 from runner.storage import prime_parquet
 
@@ -103,7 +103,7 @@ class UnitFeed:
     """Background thread: leases units from the coordinator and reads them, `prefetch` ahead. Its own
     failure reaches the engine loop through the queue, so the loop never waits on a dead thread."""
 
-    def __init__(self, link: CoordinatorLink, reader: RowGroupReader, worker, prefetch: int, lease_units: int = 1):
+    def __init__(self, link: CoordinatorLink, reader, worker, prefetch: int, lease_units: int = 1):
         self.link, self.reader, self.worker, self.lease_units = link, reader, worker, lease_units
         self.ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self.unit_s = 0.0  # how long the engine loop took per unit, over its last PACE_UNITS; 0 until then
@@ -214,7 +214,7 @@ class Worker:
         started = time.time()
         writer = threading.Thread(target=self._commit_loop, name="commit", daemon=True)
         writer.start()
-        feed = UnitFeed(self.link, RowGroupReader(self.spec), self, self.spec.prefetch_units,
+        feed = UnitFeed(self.link, open_reader(self.spec), self, self.spec.prefetch_units,
                         self.spec.units_per_lease(self.pool_index))
         self.loop = BatchLoop(self.engine, feed, self._commit_later, self.spec.sampling)
         stop_beat = threading.Event()

@@ -2,7 +2,7 @@ import pyarrow as pa
 
 from runner.batching import END, BatchLoop, UnitWork
 from runner.engines.echo import EchoEngine
-from runner.plan import Unit
+from runner.planning import Unit
 from runner.rows import Rows
 from runner.spec import Sampling
 
@@ -64,7 +64,7 @@ def test_chat_rows_and_per_row_sampling_reach_the_engine():
             super().add(request)
 
     chats = [[{"role": "user", "content": "one two three"}], [{"role": "user", "content": "four five"}]]
-    rows = Rows(chats, chat=True, samplings=[Sampling(max_tokens=1), Sampling(max_tokens=5)])
+    rows = Rows(chats, samplings=[Sampling(max_tokens=1), Sampling(max_tokens=5)])
     unit = Unit("u0", "f", 0, 2, (0,), 0)
     done = []
     BatchLoop(Recorder(4), ListFeed([UnitWork(unit, 1, pa.table({"m": [1, 2]}), rows)]), done.append,

@@ -2,7 +2,7 @@ import time
 
 from runner.coordinator import Coordinator
 from runner.output import UnitStats
-from runner.plan import Unit
+from runner.planning import Unit
 
 
 def units(n):

@@ -173,7 +173,7 @@ def test_failed_rows_over_the_limit_fail_the_job_without_success(ray_local, tmp_
 def test_a_given_up_unit_is_written_as_failed_rows(tmp_path):
     from runner.job import write_failed_unit
     from runner.output import OutputStore
-    from runner.plan import make_plan
+    from runner.planning import make_plan
 
     (tmp_path / "in").mkdir()
     write_shard(tmp_path / "in" / "a.parquet", ["a", "b", "c", "d", "e", "f"], ids=[7, 8, 9, 10, 11, 12])

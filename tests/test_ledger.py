@@ -18,7 +18,7 @@ from runner.engines.base import Completion
 from runner.job import finish, job_status
 from runner.ledger import LEDGER, Ledger
 from runner.output import OutputStore, UnitStats, output_table, read_markers, summarize, unit_stats
-from runner.plan import make_plan
+from runner.planning import make_plan
 from runner.spec import load_spec
 from runner.storage import Location
 

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner.errors import InputError, JobConflictError
-from runner import plan as plan_module
+from runner import planning as plan_module
 from runner.output import JOB, OutputStore
-from runner.plan import InputFile, cut_units, make_plan, row_group_summary
+from runner.planning import InputFile, cut_units, make_plan, row_group_summary
 from runner.spec import parse_spec
 
 from conftest import S3_OPTIONS, slow_echo_job, write_shard

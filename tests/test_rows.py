@@ -62,7 +62,7 @@ def test_read_rows_picks_the_source_column():
     table = pa.table({"m": [json.dumps([{"role": "user", "content": "a"}])], "s": ['{"max_tokens": 2}'],
                       "prompt": ["ignored"]})
     rows = read_rows(table, spec(messages_column="m", sampling_column="s"))
-    assert rows.chat and rows.prompts == [[{"role": "user", "content": "a"}]]
+    assert rows.prompts == [[{"role": "user", "content": "a"}]]
     assert rows.samplings[0].max_tokens == 2 and rows.samplings[0].temperature == 0.5
     plain = read_rows(table, spec())
-    assert not plain.chat and plain.prompts == ["ignored"] and plain.samplings is None
+    assert plain.prompts == ["ignored"] and plain.samplings is None

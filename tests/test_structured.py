@@ -13,7 +13,7 @@ import pytest
 from runner.engines.base import Choice, Completion, TokenLogprob
 from runner.errors import SpecError
 from runner.output import output_table
-from runner.plan import Unit
+from runner.planning import Unit
 from runner.spec import Sampling, parse_spec
 from runner.structured import SchemaError, arrow_type, check, parsed_column
 

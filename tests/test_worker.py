@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from runner.batching import END
 from runner.coordinator import Lease
-from runner.plan import Unit
+from runner.planning import Unit
 from runner.spec import load_spec
 from runner.worker import COMMITS_PENDING, LEASE_AHEAD_S, LEASE_MAX, PACE_UNITS, UnitFeed, Worker
 

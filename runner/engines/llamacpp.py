@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runner.engines.base import Choice, Completion, Request, TokenLogprob
-from runner.engines.llamacpp_chat import ChatTemplate, RowError
+from runner.engines.llamacpp_chat import ChatTemplate, RowError, render_chat
 from runner.engines.llamacpp_grammar import GrammarError, Grammars, GrammarTextDecoder
 from runner.errors import EngineError, ModelError
 from runner.pools import LlamaCppPool
 from runner.spec import JobSpec, Sampling
 
 
-def _llama():
+def llama_lib():
     try:
         import llama_cpp
     except ImportError as e:  # pragma: no cover - depends on the node's install
@@ -107,8 +107,8 @@ class LlamaCppEngine:
     def __init__(self, model_path: str, n_ctx: int = 2048, parallel: int = 8, n_threads: int = 1,
                  n_batch: int = 512, flash_attn: bool = False, kv_unified: bool = False,
                  prefix_reuse: bool = True, prefix_min_tokens: int = 32, chat_template: str | None = None):
-        ll = self.ll = _llama()
-        _quiet(ll)
+        ll = self.ll = llama_lib()
+        quiet_logs(ll)
         ll.llama_backend_init()
         mparams = ll.llama_model_default_params()
         self.model = ll.llama_model_load_from_file(model_path.encode(), mparams)
@@ -146,7 +146,7 @@ class LlamaCppEngine:
         self.prefix_tokens_reused = 0  # prompt tokens copied from a shared prefix instead of computed
         self.prefix_tokens_computed = 0  # tokens computed for shared prefixes
         self.grammars = Grammars(ll, self.vocab)
-        template = chat_template or self._model_template()
+        template = chat_template or model_chat_template(self.ll, self.model)
         self.chat = ChatTemplate(template, self) if template else None
 
     @classmethod
@@ -239,24 +239,15 @@ class LlamaCppEngine:
         return self.pieces[token]
 
     def _piece(self, token: int, special: bool) -> bytes:
-        buf = ctypes.create_string_buffer(256)
-        n = self.ll.llama_token_to_piece(self.vocab, token, buf, 256, 0, special)
-        return buf.raw[: max(n, 0)]
-
-    def _model_template(self) -> str | None:
-        raw = self.ll.llama_model_chat_template(self.model, None)
-        return raw.decode("utf-8", "replace") if raw else None
+        return token_piece(self.ll, self.vocab, token, special)
 
     def _prompt_tokens(self, request: Request) -> list[int]:
         if request.messages is None:
             return self.tokenize(request.prompt)
         if self.chat is None:
             raise RowError("no_chat_template: the model has no chat template; set chat_template in the worker pool")
-        text = self.chat.render(request.messages)
-        bos_text = self.chat.special["bos_token"]
-        # a template that writes the BOS text itself must not get a second BOS
-        return self.tokenize(text, add_special=self.add_bos and not (bos_text and text.startswith(bos_text)),
-                             parse_special=True)
+        text, bos = render_chat(self.chat, request.messages, self.add_bos)
+        return self.tokenize(text, add_special=bos, parse_special=True)
 
     def _admit(self) -> list[Completion]:
         """Move waiting requests into free slots; returns the rows that failed before reaching the model."""
@@ -502,6 +493,19 @@ class LlamaCppEngine:
         return chain
 
 
+def token_piece(ll, vocab, token: int, special: bool = False) -> bytes:
+    """A token's bytes (a special token's own text only when `special`)."""
+    buf = ctypes.create_string_buffer(256)
+    n = ll.llama_token_to_piece(vocab, token, buf, 256, 0, special)
+    return buf.raw[: max(n, 0)]
+
+
+def model_chat_template(ll, model) -> str | None:
+    """The chat template the GGUF's metadata holds, if any."""
+    raw = ll.llama_model_chat_template(model, None)
+    return raw.decode("utf-8", "replace") if raw else None
+
+
 def tokenize(ll, vocab, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
     data = text.encode("utf-8")
     n_max = len(data) + 8
@@ -529,9 +533,9 @@ def _silent(level, text, user_data):  # llama.cpp logs every load to stderr othe
     return None
 
 
-def _quiet(ll) -> None:
+def quiet_logs(ll) -> None:
     if os.environ.get("RUNNER_LLAMA_LOG"):
         return
     callback = ll.llama_log_callback(_silent)
-    _quiet.keep = callback  # the C side holds a pointer to it for the life of the process
+    quiet_logs.keep = callback  # the C side holds a pointer to it for the life of the process
     ll.llama_log_set(callback, ctypes.c_void_p(0))

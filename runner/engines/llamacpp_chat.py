@@ -43,6 +43,14 @@ class ChatTemplate:
             raise RowError(f"chat_template_error: {type(e).__name__}: {e}") from None
 
 
+def render_chat(chat: ChatTemplate, messages: list[dict], add_bos: bool) -> tuple[str, bool]:
+    """A chat row's text and whether a BOS token goes before it: not when the template writes the BOS
+    text itself, which would double it."""
+    text = chat.render(messages)
+    bos_text = chat.special["bos_token"]
+    return text, add_bos and not (bos_text and text.startswith(bos_text))
+
+
 def _raise_template_error(message: str):
     from jinja2.exceptions import TemplateError
 

@@ -8,7 +8,7 @@ from collections import deque
 import numpy as np
 
 from runner.engines.base import Completion, Request
-from runner.engines.llamacpp import _llama, _quiet, tokenize
+from runner.engines.llamacpp import llama_lib, quiet_logs, tokenize
 from runner.errors import EngineError, ModelError
 
 _POOLING = {"mean": 1, "cls": 2, "last": 3}  # llama.cpp's LLAMA_POOLING_TYPE_*
@@ -28,8 +28,8 @@ class LlamaCppEmbedder:
 
     def __init__(self, model_path: str, n_ctx: int = 2048, parallel: int = 8, n_threads: int = 1,
                  n_batch: int = 512, pooling: str = "model", normalize: bool = True, flash_attn: bool = False):
-        ll = self.ll = _llama()
-        _quiet(ll)
+        ll = self.ll = llama_lib()
+        quiet_logs(ll)
         ll.llama_backend_init()
         self.model = ll.llama_model_load_from_file(model_path.encode(), ll.llama_model_default_params())
         if not self.model:

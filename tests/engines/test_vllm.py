@@ -17,7 +17,7 @@ from runner.batching import END, BatchLoop, UnitWork
 from runner.engines import Request, create_engine
 from runner.engines.vllm import VLLMEngine
 from runner.errors import EngineError
-from runner.plan import Unit
+from runner.planning import Unit
 from runner.rows import Rows
 from runner.spec import Sampling, parse_spec
 
@@ -39,13 +39,13 @@ class ListFeed:
         return self.works.pop(0) if self.works else END
 
 
-def run_units(engine, units: list[list], sampling=Sampling(max_tokens=16), samplings=None, chat=False) -> list:
+def run_units(engine, units: list[list], sampling=Sampling(max_tokens=16), samplings=None) -> list:
     """Rows through the batching loop in units; the completions in row order."""
     works = []
     for i, rows in enumerate(units):
         unit = Unit(f"u{i}", "f", 0, len(rows), (0,), 0)
         per_row = samplings[sum(map(len, units[:i])):][:len(rows)] if samplings else None
-        works.append(UnitWork(unit, 1, pa.table({"p": [str(r) for r in rows]}), Rows(rows, chat=chat,
+        works.append(UnitWork(unit, 1, pa.table({"p": [str(r) for r in rows]}), Rows(rows,
                                                                                         samplings=per_row)))
     done = []
     BatchLoop(engine, ListFeed(works), done.append, sampling).run()
@@ -99,7 +99,7 @@ def test_greedy_rows_equal_llm_generate(engine, reference):
 
 
 def test_chat_rows_go_through_the_tokenizer_template_as_llm_chat_does(engine, reference):
-    (row,) = run_units(engine, [[CHAT]], chat=True)
+    (row,) = run_units(engine, [[CHAT]])
     assert row.error is None and row.text == reference["chat"]
     tokenizer = engine.engine.get_tokenizer()
     rendered = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
@@ -119,14 +119,14 @@ def test_rows_vllm_refuses_are_row_errors_and_the_engine_goes_on(engine):
     assert [out[i].completion_tokens for i in (0, 5)] == [4, 4] and out[0].error is out[5].error is None
     # A template that renders nothing: vLLM refuses the empty prompt, for that row alone.
     empty = VLLMEngine(engine.engine, chat_template="{% for m in messages %}{% endfor %}")
-    out = run_units(empty, [[CHAT, CHAT]], chat=True)
+    out = run_units(empty, [[CHAT, CHAT]])
     assert all(c.error.startswith("empty_prompt: ") for c in out)
     assert run_units(engine, [["the price"]])[0].completion_tokens == 16  # the engine still works
 
 
 def test_a_template_that_fails_is_the_rows_error(engine):
     broken = VLLMEngine(engine.engine, chat_template="{{ raise_exception('no system role') }}")
-    (row,) = run_units(broken, [[CHAT]], chat=True)
+    (row,) = run_units(broken, [[CHAT]])
     assert row.error.startswith("chat_template_error: ") and "no system role" in row.error
 
 

@@ -8,7 +8,7 @@ import posixpath
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import groupby
 
@@ -57,6 +57,8 @@ class Unit:
     num_rows: int
     row_groups: tuple[int, ...]  # row groups to read
     skip: int  # rows of the first row group before row_start
+    byte_range: tuple[int, int] | None = None  # a JSONL file's lines: [start, end) bytes instead of row groups
+    repeats: tuple[tuple[int, str], ...] = ()  # JSONL rows whose custom_id an earlier line has: (row, where)
 
     @property
     def data_name(self) -> str:
@@ -67,6 +69,9 @@ class Unit:
 class Plan:
     files: tuple[InputFile, ...]
     units: tuple[Unit, ...]
+    # JSONL request files indexed by this planning (url -> runner.batchfile.LineIndex), which the driver keeps
+    # in the output location so that a resume plans from there instead of reading the files again
+    new_indexes: dict = field(default_factory=dict, compare=False)
 
     @property
     def total_rows(self) -> int:
@@ -132,6 +137,10 @@ def _changes(was: dict, now: dict) -> list[str]:
 
 def make_plan(spec: JobSpec) -> Plan:
     """List and inspect the input; raises InputError naming the file or column at fault."""
+    if spec.input.format == "openai_batch":
+        from runner.batchfile import plan_batch_files
+
+        return plan_batch_files(spec)
     listed = list_inputs(spec.input.path, spec.input.storage_options)
     with ThreadPoolExecutor(max_workers=min(16, len(listed))) as pool:
         inspected = list(pool.map(lambda item: inspect_file(spec, *item), listed))
@@ -141,8 +150,9 @@ def make_plan(spec: JobSpec) -> Plan:
     return Plan(tuple(files), tuple(units))
 
 
-def list_inputs(url: str, storage_options: dict) -> list[tuple[str, dict]]:
-    """The input files' urls, sorted, each with the details its listing gave (size, version token, ...)."""
+def list_inputs(url: str, storage_options: dict, suffix: str = ".parquet") -> list[tuple[str, dict]]:
+    """The input files' urls, sorted, each with the details its listing gave (size, version token, ...);
+    a directory stands for every `*<suffix>` file below it."""
     fs, path = url_to_fs(url, **storage_options)
     protocol = get_protocol(url)
     try:
@@ -150,9 +160,9 @@ def list_inputs(url: str, storage_options: dict) -> list[tuple[str, dict]]:
             found = {p: d for p, d in fs.glob(path, detail=True).items() if d.get("type") == "file"}
         elif _isdir(fs, path):
             found = {p: d for p, d in fs.find(path, detail=True).items()
-                     if p.endswith(".parquet") and not _hidden(p, path)}
+                     if p.endswith(suffix) and not _hidden(p, path)}
             if not found:
-                raise InputError(f"input.path: no *.parquet files under {url}")
+                raise InputError(f"input.path: no *{suffix} files under {url}")
         else:
             found = {path: fs.info(path)}
     except FileNotFoundError:
@@ -192,7 +202,7 @@ def _info(fs, path: str) -> dict:
 
 
 @contextmanager
-def _reading(url: str):
+def reading(url: str):
     """Turn a failed read of an input file into an InputError or StorageError that names it."""
     try:
         yield
@@ -206,16 +216,16 @@ def _reading(url: str):
 
 def read_footer(url: str, storage_options: dict) -> pq.FileMetaData:
     fs, path = url_to_fs(url, **storage_options)
-    with _reading(url):
+    with reading(url):
         return _footer(fs, path)
 
 
-def _size_and_version(url: str, storage_options: dict, listed: dict) -> tuple[int, str]:
+def size_and_version(url: str, storage_options: dict, listed: dict) -> tuple[int, str]:
     """The file's size and version token from its listing's details, else from one `info` call."""
     details = listed
     if details.get("size") is None or not _version(details):
         fs, path = url_to_fs(url, **storage_options)
-        with _reading(url):
+        with reading(url):
             details = _info(fs, path)
     return int(details.get("size") or 0), _version(details)
 
@@ -233,7 +243,7 @@ def _version(details: dict) -> str:
 
 def inspect_file(spec: JobSpec, url: str, listed: dict) -> tuple[InputFile, pa.Schema]:
     """Read one file's footer and check its columns; `listed` is what its listing said of it."""
-    size, version = _size_and_version(url, spec.input.storage_options, listed)
+    size, version = size_and_version(url, spec.input.storage_options, listed)
     meta = read_footer(url, spec.input.storage_options)
     schema = meta.schema.to_arrow_schema()
     inp = spec.input
@@ -274,7 +284,7 @@ def _is_messages(t: pa.DataType) -> bool:
 
 def _check_same_types(spec: JobSpec, inspected: list[tuple[InputFile, pa.Schema]]) -> None:
     """Copied columns must have one type across shards, or the output parts would not read as one dataset."""
-    cols = ([spec.input.id_column] if spec.input.id_column else []) + list(spec.input.columns)
+    cols = spec.input.copied_columns
     first_file, first_schema = inspected[0]
     for f, schema in inspected[1:]:
         for c in cols:
