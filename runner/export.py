@@ -78,8 +78,10 @@ def _rows(source: Location, stats: list[UnitStats]) -> Iterator[tuple[UnitStats,
 
 @retrying
 def _parts(source: Location, name: str) -> list:
-    with source.fs.open(source.path(name), "rb") as f:
-        return pq.ParquetFile(f).read().to_batches(max_chunksize=4096)
+    # One thread, nothing read ahead, the file closed here: an Arrow reader thread still alive when the
+    # interpreter exits aborts the process (apache/arrow#34314), after the files were written.
+    with source.fs.open(source.path(name), "rb") as f, pq.ParquetFile(f, pre_buffer=False) as part:
+        return part.read(use_threads=False).to_batches(max_chunksize=4096)
 
 
 class JobView:
