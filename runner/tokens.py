@@ -3,6 +3,7 @@ from local files, the echo engine's words."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from runner.errors import ModelError, SpecError, first_line
@@ -88,16 +89,14 @@ class HFTokens:
 
     def __init__(self, pool: VLLMPool, name: str):
         args = pool.engine_args
-        source = args.get("tokenizer") or pool.model
+        source = _local_dir(args.get("tokenizer") or pool.model, name)
         try:
             from transformers import AutoTokenizer
 
             self.tok = AutoTokenizer.from_pretrained(source, local_files_only=True,
-                                                     revision=args.get("tokenizer_revision"),
                                                      trust_remote_code=bool(args.get("trust_remote_code")))
-        except Exception as e:  # not on this machine, or not a tokenizer
-            raise ModelError(f"pool {name}: cannot load the tokenizer of {source} from local files "
-                             f"({first_line(e, 200)}); runner plan downloads nothing") from None
+        except Exception as e:  # not a tokenizer
+            raise ModelError(f"pool {name}: cannot load the tokenizer in {source} ({first_line(e, 200)})") from None
         self.chat_template = pool.chat_template
         self.context, self.context_from = _hf_context(pool, name)
 
@@ -115,17 +114,25 @@ class HFTokens:
         pass
 
 
+def _local_dir(source: str, name: str) -> str:
+    """A model directory on this machine: runner plan never asks a model hub for anything."""
+    if not os.path.isdir(source):
+        raise ModelError(f"pool {name}: runner plan reads the tokenizer from a local model directory, and {source} "
+                         "is not one on this machine (nothing is downloaded)")
+    return source
+
+
 def _hf_context(pool: VLLMPool, name: str) -> tuple[int | None, str]:
+    """The context a row must fit in: engine_args.max_model_len, else the model's config.json (its text
+    model's, for a multimodal one)."""
     given = pool.engine_args.get("max_model_len")
     if isinstance(given, int) and not isinstance(given, bool):
         return given, "engine_args.max_model_len"
+    path = os.path.join(_local_dir(pool.model, name), "config.json")
     try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(pool.model, local_files_only=True,
-                                            trust_remote_code=bool(pool.engine_args.get("trust_remote_code")))
-    except Exception as e:
-        raise ModelError(f"pool {name}: cannot read the config of {pool.model} from local files "
-                         f"({first_line(e, 200)})") from None
-    ctx = getattr(config.get_text_config(), "max_position_embeddings", None)
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"pool {name}: cannot read {path} ({first_line(e, 200)})") from None
+    ctx = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
     return (ctx, "config.json max_position_embeddings") if ctx else (None, "unknown: set engine_args.max_model_len")
