@@ -18,6 +18,7 @@ from runner.errors import (ClusterError, EngineError, InputError, JobConflictErr
 from runner.job import RunOptions, job_status, run_job
 from runner.manifest import JobStatus, Manifest
 from runner.output import JOB, MANIFEST, OutputStore, list_markers
+from runner.planning import part_name
 from runner.spec import JobSpec, load_spec, parse_spec, redact
 from runner.storage import Location, absolute_local, storage_errors
 
@@ -132,8 +133,7 @@ def read(job_or_output: JobLike, *, storage_options: dict[str, Any] | None = Non
     with storage_errors(f"{loc.url}: cannot read the outputs"):
         if not loc.exists(JOB):
             raise StorageError(f"{loc.url}: holds no runner job (no {JOB})")
-    # A unit's data object is `<unit id>.parquet` (runner.planning.Unit.data_name), written before its marker.
-    paths = [loc.path(f"{unit_id}.parquet") for unit_id in list_markers(loc)]
+    paths = [loc.path(part_name(unit_id)) for unit_id in list_markers(loc)]
     with storage_errors(f"{loc.url}: cannot open the committed parts"):
         return ds.dataset(paths, format="parquet", filesystem=loc.fs)
 

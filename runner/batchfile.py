@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,7 +18,7 @@ from fsspec.core import url_to_fs
 
 from runner.batching import UnitWork
 from runner.errors import InputError
-from runner.planning import InputFile, Plan, Unit, list_inputs, reading, size_and_version
+from runner.planning import InputFile, Plan, Unit, list_inputs, new_unit, reading, size_and_version
 from runner.rows import Rows, overrides
 from runner.spec import JobSpec
 from runner.storage import Location, retrying, storage_errors
@@ -38,6 +38,7 @@ SAMPLING_KEYS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_token
 NOT_SAMPLING = {"model", "user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls",
                 "messages", "prompt", "input", "stop", "logprobs", "top_logprobs"}
 HARMLESS = {"stream": (False,), "echo": (False,), "best_of": (1,), "encoding_format": ("float",)}
+BLANK = ("", "")  # the keys of a blank line
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def plan_batch_files(spec: JobSpec) -> Plan:
     kept = Location.open(spec.output.path, spec.output.storage_options)
     with ThreadPoolExecutor(max_workers=min(8, len(listed))) as pool:
         indexes = list(pool.map(lambda item: _index(spec, kept, *item), listed))
-    first_seen: dict[str, str] = {}
+    first_seen: dict[str, tuple[str, int]] = {}  # custom_id -> (file, line) where it first appears
     files, units, new = [], [], {}
     for i, ((url, _), (f, index, fresh)) in enumerate(zip(listed, indexes)):
         if fresh:
@@ -68,11 +69,9 @@ def plan_batch_files(spec: JobSpec) -> Plan:
         _check_endpoints(spec, url, index)
         repeats = {}
         for line, (cid, _) in enumerate(index.keys):
-            if cid is None:
-                continue
-            here = f"line {line + 1} of {url}"
-            if first_seen.setdefault(cid, here) != here:
-                repeats[line] = first_seen[cid]
+            if cid is not None and first_seen.setdefault(cid, (url, line)) != (url, line):
+                first_url, first_line = first_seen[cid]
+                repeats[line] = f"line {first_line + 1} of {first_url}"
         files.append(f)
         units += cut_line_units(i, f, index, repeats, spec.unit_rows)
     return Plan(tuple(files), tuple(units), new)
@@ -99,8 +98,8 @@ def kept_index(loc: Location, url: str, size: int, version: str) -> LineIndex | 
     if not version:  # a store without version tokens: only reading the file again is sure
         return None
     try:
-        table = pa.ipc.open_file(pa.py_buffer(loc.read_bytes(_kept_name(url)))).read_all()
-    except (FileNotFoundError, pa.ArrowInvalid, OSError):
+        table = loc.read_arrow(_kept_name(url))
+    except (OSError, pa.ArrowInvalid):  # none kept, or unreadable: the file is read again
         return None
     meta = table.schema.metadata or {}
     if (meta.get(b"url"), meta.get(b"size"), meta.get(b"version")) != (url.encode(), str(size).encode(), version.encode()):
@@ -119,11 +118,8 @@ def keep_indexes(loc: Location, plan: Plan) -> None:
                           "url": pa.array(urls, pa.string()).dictionary_encode()})
         table = table.replace_schema_metadata({"url": url, "size": str(f.size), "version": f.version,
                                                "end": str(int(index.starts[-1]))})
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
-            w.write_table(table)
         with storage_errors(f"{loc.url_of(_kept_name(url))}: cannot keep the line index of {url}"):
-            loc.write_bytes(_kept_name(url), sink.getvalue().to_pybytes())
+            loc.write_arrow(_kept_name(url), table)
 
 
 @retrying
@@ -154,9 +150,6 @@ def index_lines(fs, path: str) -> LineIndex:
     return LineIndex(np.asarray(starts, np.int64), keys)
 
 
-BLANK = ("", "")
-
-
 def _keys(line: bytes) -> tuple[str | None, str | None]:
     if not line.strip():
         return BLANK
@@ -182,13 +175,14 @@ def _check_endpoints(spec: JobSpec, url: str, index: LineIndex) -> None:
 
 def cut_line_units(file_index: int, f: InputFile, index: LineIndex, repeats: dict[int, str],
                    unit_rows: int) -> list[Unit]:
-    units = []
-    for start in range(0, index.lines, unit_rows):
-        end = min(start + unit_rows, index.lines)
-        mine = tuple((line - start, where) for line, where in sorted(repeats.items()) if start <= line < end)
-        units.append(Unit(f"part-{file_index:05d}-{start:010d}", f.url, start, end - start, (), 0,
-                          byte_range=(int(index.starts[start]), int(index.starts[end])), repeats=mine))
-    return units
+    """Units of unit_rows whole lines; each carries its rows that repeat an earlier custom_id."""
+    mine: dict[int, list] = defaultdict(list)
+    for line, where in sorted(repeats.items()):
+        mine[line // unit_rows].append((line % unit_rows, where))
+    return [new_unit(file_index, f.url, start, min(unit_rows, index.lines - start),
+                     byte_range=(int(index.starts[start]), int(index.starts[min(start + unit_rows, index.lines)])),
+                     repeats=tuple(mine[start // unit_rows]))
+            for start in range(0, index.lines, unit_rows)]
 
 
 class BatchFileReader:

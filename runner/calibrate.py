@@ -67,7 +67,8 @@ def calibrate_pool(spec: JobSpec, index: int, works_ref, env: dict | None) -> Ca
 
     name = spec.pool_names()[index]
     with placed(spec.workers[index]) as options:
-        task = ray.remote(run_sample).options(max_retries=0, runtime_env=env, **options)
+        # max_calls=1: the worker process, whose stdout run_sample redirects and which held an engine, exits after
+        task = ray.remote(max_calls=1)(run_sample).options(max_retries=0, runtime_env=env, **options)
         asked = time.time()
         try:
             out = ray.get(task.remote(spec, index, works_ref))

@@ -16,11 +16,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from runner.batchfile import CHAT, COMPLETIONS, EMBEDDINGS
-from runner.errors import InputError
+from runner.errors import InputError, first_line
 from runner.ledger import Ledger
 from runner.output import JOB, MANIFEST, SUCCESS, UnitStats
+from runner.planning import part_name
+from runner.pools import PoolBase
+from runner.spec import JobSpec
 from runner.storage import Location, retrying, storage_errors
 
 log = logging.getLogger(__name__)
@@ -45,7 +49,7 @@ def export_openai_batch(source: Location, dest: Location) -> Exported:
     with storage_errors(f"{source.url}: cannot read the job"):
         if not source.exists(JOB):
             raise InputError(f"{source.url}: holds no runner job (no {JOB})")
-        job = JobView(source.read_json(JOB))
+        job = JobView(source.read_json(JOB), source.url)
         ledger = Ledger.load(source)  # read-only: never rolls
         succeeded = source.exists(SUCCESS)
         manifest = source.read_json(MANIFEST) if source.exists(MANIFEST) else {}
@@ -54,11 +58,12 @@ def export_openai_batch(source: Location, dest: Location) -> Exported:
         dest.fs.makedirs(dest.root, exist_ok=True)
         with dest.fs.open(dest.path(OUTPUT), "w") as out, dest.fs.open(dest.path(ERRORS), "w") as err:
             for stats, row in _rows(source, ledger.stats):
+                custom_id, url = job.request_of(row)
                 ok = row["error"] is None
-                line = job.result_line(row, stats) if ok else job.error_line(row)
+                line = job.result_line(row, stats, custom_id, url) if ok else job.error_line(row, custom_id)
                 (out if ok else err).write(json.dumps(line, ensure_ascii=False) + "\n")
                 counts["completed" if ok else "failed"] += 1
-                urls[job.request_of(row)[1]] += 1
+                urls[url] += 1
         total = counts["completed"] + counts["failed"]
         endpoint = urls.most_common(1)[0][0] if urls else job.default_url
         dest.write_json(BATCH, job.batch_object(endpoint, counts, succeeded, manifest, ledger.stats))
@@ -71,7 +76,7 @@ def export_openai_batch(source: Location, dest: Location) -> Exported:
 def _rows(source: Location, stats: list[UnitStats]) -> Iterator[tuple[UnitStats, dict]]:
     """Every committed row, in input order (units in id order), a record batch at a time."""
     for s in stats:
-        for batch in _parts(source, f"{s.unit_id}.parquet"):
+        for batch in _parts(source, part_name(s.unit_id)):
             for row in batch.to_pylist():
                 yield s, row
 
@@ -85,16 +90,18 @@ def _parts(source: Location, name: str) -> list:
 
 
 class JobView:
-    """What the export needs of a job's record: its task, pools and how a row names its request."""
+    """What the export needs of a job: its recorded spec (task, input, pools) and how a row names its request."""
 
-    def __init__(self, record: dict):
-        spec = record.get("spec") or {}
-        self.name, self.fingerprint, self.rows = record.get("name", "job"), record.get("fingerprint", ""), record.get("rows", 0)
-        self.task = spec.get("task", "generate")
-        inp = spec.get("input", {})
-        self.id_column = inp.get("id_column") if inp.get("format", "parquet") == "parquet" else None
-        self.default_url = EMBEDDINGS if self.task == "embed" else CHAT if inp.get("messages_column") else COMPLETIONS
-        self.models = {p.get("name") or f"{p['engine']}{i}": _model_name(p) for i, p in enumerate(spec.get("workers", []))}
+    def __init__(self, record: dict, where: str):
+        try:
+            spec = JobSpec.model_validate(record["spec"])
+        except (KeyError, TypeError, ValidationError) as e:
+            raise InputError(f"{where}/{JOB}: not a job spec runner can read ({first_line(e)})") from None
+        self.name, self.fingerprint, self.rows = spec.name, record.get("fingerprint", ""), record.get("rows", 0)
+        self.id_column = spec.input.id_column if spec.input.format == "parquet" else None
+        self.default_url = (EMBEDDINGS if spec.task == "embed" else CHAT if spec.input.messages_column
+                            else COMPLETIONS)
+        self.models = {name: _model_name(pool) for name, pool in zip(spec.pool_names(), spec.workers)}
 
     def request_of(self, row: dict) -> tuple[str, str]:
         """(custom_id, url) of an output row: the line's own for an OpenAI batch job; else the id column
@@ -109,8 +116,7 @@ class JobView:
         key = f"{self.fingerprint}:{salt}:{row['source_file']}:{row['source_row']}"
         return hashlib.sha256(key.encode()).hexdigest()[:24]
 
-    def result_line(self, row: dict, stats: UnitStats) -> dict:
-        custom_id, url = self.request_of(row)
+    def result_line(self, row: dict, stats: UnitStats, custom_id: str | None, url: str) -> dict:
         model = self.models.get(stats.pool, stats.pool)
         body = (embedding_body(row, model) if url == EMBEDDINGS else
                 completion_body(row, model, url, self._hash(row, "body"), int(stats.finished_at)))
@@ -118,8 +124,7 @@ class JobView:
                 "response": {"status_code": 200, "request_id": f"req_{self._hash(row, 'request')}", "body": body},
                 "error": None}
 
-    def error_line(self, row: dict) -> dict:
-        custom_id, _ = self.request_of(row)
+    def error_line(self, row: dict, custom_id: str | None) -> dict:
         code, _, message = row["error"].partition(":")
         return {"id": f"batch_req_{self._hash(row, 'id')}", "custom_id": custom_id, "response": None,
                 "error": {"code": code.strip(), "message": message.strip() or code.strip()}}
@@ -144,9 +149,9 @@ class JobView:
                 "metadata": {"job": self.name, "run_id": str(manifest.get("run_id", ""))}}
 
 
-def _model_name(pool: dict) -> str:
-    model = pool.get("model")
-    return posixpath.basename(str(model).rstrip("/")) if model else pool.get("engine", "model")
+def _model_name(pool: PoolBase) -> str:
+    model = getattr(pool, "model", None)
+    return posixpath.basename(str(model).rstrip("/")) if model else pool.engine
 
 
 def _finish(reason: str | None) -> str:

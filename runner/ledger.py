@@ -73,17 +73,13 @@ class Ledger:
         if self.rolled:
             return
         with storage_errors(f"{self.loc.url_of(LEDGER)}: cannot write the ledger"):
-            self.loc.write_bytes(LEDGER, summary_bytes(self.stats))
+            self.loc.write_arrow(LEDGER, summary_table(self.stats))
         self.rolled = True
 
 
-def summary_bytes(stats: list[UnitStats]) -> bytes:
-    """The summary as an Arrow IPC file: one row a unit, UnitStats' fields as typed columns (`errors` a map)."""
-    table = pa.table({f.name: pa.array([getattr(s, f.name) for s in stats], f.type) for f in SCHEMA}, schema=SCHEMA)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, SCHEMA, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
+def summary_table(stats: list[UnitStats]) -> pa.Table:
+    """The summary: one row a unit, UnitStats' fields as typed columns (`errors` a map)."""
+    return pa.table({f.name: pa.array([getattr(s, f.name) for s in stats], f.type) for f in SCHEMA}, schema=SCHEMA)
 
 
 def read_summary(loc: Location) -> dict[str, UnitStats]:
@@ -91,11 +87,14 @@ def read_summary(loc: Location) -> dict[str, UnitStats]:
     parsed, so the ledger is rebuilt from the markers. A storage error is raised, not taken for a missing file."""
     with storage_errors(f"{loc.url_of(LEDGER)}: cannot read the ledger"):
         try:
-            data = loc.read_bytes(LEDGER)
+            table = loc.read_arrow(LEDGER)
         except FileNotFoundError:
             return {}
+        except pa.ArrowException as e:
+            log.warning("%s: unreadable (%s); rebuilding it from the commit markers", loc.url_of(LEDGER), e)
+            return {}
     try:
-        table = pa.ipc.open_file(pa.BufferReader(data)).read_all().select(SCHEMA.names).cast(SCHEMA)
+        table = table.select(SCHEMA.names).cast(SCHEMA)
         cols = [table.column(f.name).to_pylist() for f in SCHEMA]
         stats = [UnitStats(**dict(zip(SCHEMA.names, values))) for values in zip(*cols)]
     except (pa.ArrowException, OSError, KeyError, TypeError, ValueError) as e:

@@ -62,7 +62,12 @@ class Unit:
 
     @property
     def data_name(self) -> str:
-        return f"{self.id}.parquet"
+        return part_name(self.id)
+
+
+def part_name(unit_id: str) -> str:
+    """The output object holding a unit's rows, written before its commit marker."""
+    return f"{unit_id}.parquet"
 
 
 @dataclass(frozen=True)
@@ -302,7 +307,7 @@ def cut_units(file_index: int, f: InputFile, unit_rows: int) -> list[Unit]:
         nonlocal pending, pending_rows
         if pending_rows:
             row0 = start - pending_rows
-            units.append(_unit(file_index, f.url, row0, pending_rows, tuple(pending), 0))
+            units.append(new_unit(file_index, f.url, row0, pending_rows, tuple(pending), 0))
         pending, pending_rows = [], 0
 
     for g, n in enumerate(f.row_groups):
@@ -312,7 +317,7 @@ def cut_units(file_index: int, f: InputFile, unit_rows: int) -> list[Unit]:
             flush()
         if n > unit_rows:
             for off in range(0, n, unit_rows):
-                units.append(_unit(file_index, f.url, start + off, min(unit_rows, n - off), (g,), off))
+                units.append(new_unit(file_index, f.url, start + off, min(unit_rows, n - off), (g,), off))
         else:
             pending.append(g)
             pending_rows += n
@@ -321,5 +326,8 @@ def cut_units(file_index: int, f: InputFile, unit_rows: int) -> list[Unit]:
     return units
 
 
-def _unit(file_index: int, url: str, row_start: int, n: int, groups: tuple[int, ...], skip: int) -> Unit:
-    return Unit(f"part-{file_index:05d}-{row_start:010d}", url, row_start, n, groups, skip)
+def new_unit(file_index: int, url: str, row_start: int, n: int, groups: tuple[int, ...] = (), skip: int = 0,
+             **lines) -> Unit:
+    """A unit named by its file's index and first row: the same rows get the same id in every run.
+    `lines`: a JSONL file's byte_range and repeats (runner.batchfile)."""
+    return Unit(f"part-{file_index:05d}-{row_start:010d}", url, row_start, n, groups, skip, **lines)

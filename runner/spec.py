@@ -155,7 +155,7 @@ class InputSpec(_Model):
     @model_validator(mode="after")
     def _one_source(self) -> "InputSpec":
         if self.format == "openai_batch":
-            given = [k for k in OPENAI_BATCH_ONLY_PARQUET if k in self.model_fields_set]
+            given = [k for k in OPENAI_BATCH_ONLY_PARQUET if _given(self, k)]
             if given:
                 raise ValueError(f"{given[0]} is a parquet setting; an openai_batch line's body holds its row and "
                                  "sampling, and its custom_id is copied to the output")
@@ -229,10 +229,10 @@ class JobSpec(_Model):
             if self.input.messages_column:
                 raise ValueError("input.messages_column: task embed takes prompts (prompt_column), not chat rows")
             asked = [k for k in ("response_format", "regex", "choice", "grammar", "logprobs", "n")
-                     if k in self.sampling.model_fields_set]
+                     if _given(self.sampling, k)]
             if asked:
                 raise ValueError(f"sampling.{asked[0]}: a generate setting; task embed generates no text")
-        elif "embedding" in self.model_fields_set:
+        elif _given(self, "embedding"):
             raise ValueError("embedding: a task embed setting; this job's task is generate")
         return self
 
@@ -283,6 +283,12 @@ class JobSpec(_Model):
         if self.task == "embed":
             body["embed"] = self.embedding.model_dump()
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _given(model: BaseModel, key: str) -> bool:
+    """Whether `key` holds something other than its default. Checks ask this, not whether the key was
+    written, so the resolved spec (defaults filled in, as _job.json records it) validates again."""
+    return getattr(model, key) != type(model).model_fields[key].get_default(call_default_factory=True)
 
 
 _LATER_SAMPLING = ("response_format", "regex", "choice", "grammar", "logprobs", "n")

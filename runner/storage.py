@@ -167,6 +167,17 @@ class Location:
         pq.write_table(table, buf, compression="zstd")
         self.write_bytes(name, buf.getvalue())
 
+    def write_arrow(self, name: str, table: pa.Table) -> None:
+        """An Arrow IPC file: for bookkeeping tables that a `*.parquet` glob over the outputs must not pick up."""
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+            writer.write_table(table)
+        self.write_bytes(name, sink.getvalue().to_pybytes())
+
+    def read_arrow(self, name: str) -> pa.Table:
+        """What write_arrow wrote; pa.ArrowInvalid when the bytes are not an Arrow IPC file."""
+        return pa.ipc.open_file(pa.BufferReader(self.read_bytes(name))).read_all()
+
 
 @contextmanager
 def storage_errors(what: str):

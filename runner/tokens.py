@@ -28,7 +28,9 @@ class EchoTokens:
     context, context_from = None, "none: the echo engine has no context limit"
 
     def count(self, prompt) -> int:
-        return len((prompt[-1]["content"] if isinstance(prompt, list) else prompt).split())
+        from runner.engines.echo import echo_words
+
+        return len(echo_words(prompt))
 
     def close(self) -> None:
         pass

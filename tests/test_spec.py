@@ -115,5 +115,9 @@ def test_spec_is_frozen():
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("jobs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_job_specs_are_valid(path):
     env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "BUCKET": "b"}
-    spec, _ = load_spec(path, env)
+    spec, resolved = load_spec(path, env)
     assert spec.name and spec.workers
+    # the resolved spec, defaults filled in, is a valid spec of the same job; so is the redacted one _job.json
+    # records (secrets shown as their ${VAR})
+    assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+    assert JobSpec.model_validate(resolved).pool_names() == spec.pool_names()

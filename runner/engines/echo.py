@@ -57,7 +57,7 @@ class EchoEngine:
                 os._exit(70)  # no exception, no cleanup: what a segfault in a native engine looks like
             while self.hang_on and r.prompt and self.hang_on in r.prompt:
                 time.sleep(3600)
-            words = (r.prompt if r.messages is None else r.messages[-1]["content"]).split()
+            words = echo_words(r.prompt if r.messages is None else r.messages)
             if self.embedding_dim:
                 done.append(Completion(r.id, None, None, len(words), embedding=self._embed(words)))
                 continue
@@ -75,3 +75,8 @@ class EchoEngine:
 
     def close(self) -> None:
         self.queue.clear()
+
+
+def echo_words(prompt: str | list[dict]) -> list[str]:
+    """The echo engine's tokens of a row: its prompt's words, a chat row's last message's."""
+    return (prompt[-1]["content"] if isinstance(prompt, list) else prompt).split()
