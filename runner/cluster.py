@@ -1,4 +1,4 @@
-"""Ray placement: start the coordinator and the worker pools, supervise them, replace lost workers."""
+"""A job on Ray: start or join Ray, start the coordinator and the worker pools, supervise them, replace lost workers."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import os
 import threading
 import time
 
-from runner.coordinator import Coordinator
-from runner.errors import JobFailedError, ModelError
+from runner.address import check_address
+from runner.coordinator import Coordinator, Phase
+from runner.crashes import crash_report, crash_signal, quiet_ray_terminal
+from runner.errors import ClusterError, JobFailedError, ModelError, RunnerError, first_line
+from runner.placement import check_fits, replica_group, replica_options
 from runner.planning import Unit
-from runner.pools import PoolBase
 from runner.progress import Progress, Timings
 from runner.spec import JobSpec
 from runner.worker import Worker
@@ -69,6 +71,7 @@ class RayCluster:
 
         if self.started_here or ray.is_initialized():
             return False
+        quiet_ray_terminal()
         start_ray(self.spec, self.run_id, self.options)
         self.started_here = True
         return True
@@ -91,18 +94,26 @@ def import_ray_meanwhile() -> None:
 
 
 def start_ray(spec: JobSpec, run_id: str, options) -> None:
-    """Start an embedded Ray (no address), or join the cluster at `options.address`."""
+    """Start an embedded Ray (no address), or join the cluster at `options.address`: ClusterError (one line)
+    when no cluster answers there, where Ray itself would retry for minutes."""
+    embedded = not options.address
+    if not embedded:
+        check_address(options.address)
     import ray
 
     from ray.job_config import JobConfig
 
-    embedded = not options.address
     # "local" always starts an embedded Ray, even where a `ray start` cluster runs on this machine.
     # The job's name is its metadata, which the dashboard's Jobs page shows.
-    ctx = ray.init(address=options.address or "local", include_dashboard=options.dashboard if embedded else None,
-                   job_config=JobConfig(metadata={"job_name": spec.name, "run_id": run_id}),
-                   logging_level=logging.WARNING, log_to_driver=True,
-                   **({"_system_config": NICE_WORKERS} if embedded else {}))
+    try:
+        ctx = ray.init(address=options.address or "local", include_dashboard=options.dashboard if embedded else None,
+                       job_config=JobConfig(metadata={"job_name": spec.name, "run_id": run_id}),
+                       logging_level=logging.WARNING, log_to_driver=True,
+                       **({"_system_config": NICE_WORKERS} if embedded else {}))
+    except (ConnectionError, RuntimeError, ValueError) as e:  # a bad address, a cluster of another Ray version
+        if embedded:
+            raise
+        raise ClusterError(f"--address {options.address}: cannot join the Ray cluster ({first_line(e, 300)})") from None
     announce(ctx)
 
 
@@ -131,62 +142,6 @@ def announce(ctx) -> None:
     port = ctx.address_info.get("metrics_export_port")
     if port:
         log.info("Ray metrics (Prometheus): http://%s:%s/metrics", ctx.address_info["node_ip_address"], port)
-
-
-def accelerator(pool: PoolBase) -> dict[str, float]:
-    """The pool's accelerator type as the Ray resource every node of that type advertises."""
-    return {f"accelerator_type:{pool.accelerator_type}": 0.001} if pool.accelerator_type else {}
-
-
-def replica_needs(pool: PoolBase) -> dict[str, float]:
-    """The Ray resources one replica of the pool takes."""
-    need = {"CPU": pool.num_cpus, "GPU": pool.num_gpus, **pool.resources, **accelerator(pool)}
-    return {k: v for k, v in need.items() if v}
-
-
-def replica_group(pool: PoolBase, name: str | None = None):
-    """The placement group of a vLLM replica spanning several GPUs: one {GPU: 1} bundle per GPU, the first
-    holding the actor's own CPUs too. The actor holds no GPU itself; vLLM's Ray executor puts one engine
-    worker in each bundle."""
-    from ray.util.placement_group import placement_group
-
-    bundles = [{"GPU": 1.0, **accelerator(pool)} for _ in range(pool.gpus_per_replica)]
-    bundles[0].update({"CPU": pool.num_cpus, **pool.resources})  # the actor's own share
-    return placement_group(bundles, strategy="PACK" if pool.spans_nodes else "STRICT_PACK", name=name or "")
-
-
-def replica_options(pool: PoolBase, group=None) -> dict:
-    """Ray options that place one replica: by its resources, or in the first bundle of `group`
-    (replica_group's, for a replica spanning several GPUs)."""
-    if group is None:
-        return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus,
-                "resources": {**pool.resources, **accelerator(pool)} or None}
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    return {"num_cpus": pool.num_cpus, "num_gpus": 0, "resources": dict(pool.resources) or None,
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
-
-
-def check_fits(spec: JobSpec, embedded: bool) -> None:
-    """Say when a pool can never be placed instead of waiting forever. On a cluster joined by address
-    the autoscaler may still add the nodes a pool needs, so there it is a warning."""
-    import ray
-
-    total = ray.cluster_resources()
-    for name, pool in zip(spec.pool_names(), spec.workers):
-        short = {k: v for k, v in replica_needs(pool).items() if total.get(k, 0) < v}
-        if short:
-            have = {k: total.get(k, 0) for k in short}
-            if embedded:
-                raise JobFailedError(f"pool {name}: one replica needs {short} but the Ray cluster has {have}")
-            log.warning("pool %s: one replica needs %s and the cluster now has %s; waiting for the autoscaler "
-                        "to add such a node", name, short, have)
-            continue
-        wanted = pool.num_cpus * pool.replicas
-        if wanted > total.get("CPU", 0):
-            log.warning("pool %s asks for %g CPUs over %d replicas; the cluster has %g, so some replicas wait",
-                        name, wanted, pool.replicas, total.get("CPU", 0))
 
 
 class Supervisor:
@@ -218,7 +173,7 @@ class Supervisor:
         self.incarnations: dict[tuple[int, int], int] = {}
         self.replacements = sum(p.replicas for p in spec.workers) * spec.max_attempts
         self.retired: dict[int, str] = {}  # pool index -> why it gets no more replicas
-        self.unloadable: dict[int, int] = {}  # pool index -> replicas whose model failed to load
+        self.unloadable: dict[int, int] = {}  # pool index -> replicas whose model failed to load (or crashed there)
         self.stall_streak: dict[int, int] = {}  # pool index -> stalls since the pool last committed a unit
         self.done_seen: dict[str, int] = {}
         self.rows_total = sum(u.num_rows for u in units)
@@ -318,7 +273,7 @@ class Supervisor:
     def _why_stopped(self, progress: dict) -> Exception:
         left = progress["units_queued"] + progress["units_in_flight"]
         names = self.spec.pool_names()
-        if self.retired and all("cannot load" in why for why in self.retired.values()):
+        if self.retired and set(self.retired) <= set(self.unloadable):  # no pool could load its model
             return ModelError(next(iter(self.retired.values())))
         if self.retired:
             whys = "; ".join(why for _, why in sorted(self.retired.items()))
@@ -326,6 +281,27 @@ class Supervisor:
         lost = [n for i, n in enumerate(names) if i not in self.retired]
         return JobFailedError(f"job {self.spec.name}: every worker was lost ({', '.join(lost)}); "
                               f"last error: {progress['last_error']}")
+
+    def _crash(self, pool_index: int, identity: str):
+        """The native crash that ended a worker (runner.crashes.CrashReport), None when it did not crash."""
+        info = self._ask("worker_info", identity)
+        signal = crash_signal(info.log, info.node)
+        if signal is None:
+            return None
+        return crash_report(self.spec.pool_names()[pool_index], self.spec.workers[pool_index], identity, signal, info)
+
+    def _unloadable(self, pool_index: int, why: str) -> None:
+        """A replica whose model cannot load or crashes its first decode; when every replica is, the pool
+        is retired."""
+        self.unloadable[pool_index] = self.unloadable.get(pool_index, 0) + 1
+        if self.unloadable[pool_index] < self.spec.workers[pool_index].replicas:
+            # said when the pool's other replicas work; when none will, the pool's retirement says it once
+            working = self.done_seen.get(self.spec.pool_names()[pool_index], 0)
+            log.log(logging.WARNING if working else logging.DEBUG, "%s", why)
+            return
+        self.retired[pool_index] = why
+        if self.live:  # else it is the job's own error
+            log.error("%s; the job goes on without this pool", why)
 
     def _watch(self, progress: dict) -> None:
         """Kill each worker whose engine has held rows without progress for its pool's stall_timeout_s."""
@@ -372,19 +348,22 @@ class Supervisor:
             return
         except self.ray.exceptions.RayError as e:
             cause = getattr(e, "cause", None)
-            error = self.killed.pop(identity, None) or short_error(e)
+            killed = self.killed.pop(identity, None)
+            how = f"lost: {killed or short_error(e)}"
         self.ray.kill(actor, no_restart=True)
-        lost = self._ask("worker_lost", identity, error)
+        crash = None if killed or isinstance(cause, RunnerError) else self._crash(pool_index, identity)
+        if crash is not None:
+            how = f"crashed ({crash.signal})"
+            if crash.phase is not Phase.RUNNING:  # at load: it would crash the same way again
+                cause = ModelError(crash.line)
+        lost = self._ask("worker_lost", identity, how)
         if isinstance(cause, ModelError):  # it would fail the same way again: this replica is done
-            self.unloadable[pool_index] = self.unloadable.get(pool_index, 0) + 1
-            if self.unloadable[pool_index] < self.spec.workers[pool_index].replicas:
-                log.error("%s", cause)
-                return
-            self.retired[pool_index] = str(cause)
-            if self.live:  # else it is the job's own error
-                log.error("%s; the job goes on without this pool", cause)
+            self._unloadable(pool_index, str(cause))
             return
-        log.warning("worker %s lost (%s); %d units back in the queue", identity, error, len(lost))
+        if crash is not None:
+            log.error("%s; %d units back in the queue", crash.line, len(lost))
+        else:
+            log.warning("worker %s %s; %d units back in the queue", identity, how, len(lost))
         limit = self.spec.max_attempts + 1  # a poison unit alone stalls max_attempts times, then is given up
         if self.stall_streak.get(pool_index, 0) >= limit and pool_index not in self.retired:
             timeout = self.spec.workers[pool_index].stall_timeout_s

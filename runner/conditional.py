@@ -17,12 +17,28 @@ def protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
     return set(fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
 
 
+class ConditionalWritesRefused(Exception):
+    """The store answered a conditional request with HTTP 501 Not Implemented: it has no conditional writes
+    (some S3-compatible stores). Location falls back to plain writes on it."""
+
+
+def http_answer(e: BaseException) -> tuple[int | None, str | None] | None:
+    """The HTTP status and error code an object store answered with: from a botocore ClientError, or the one
+    s3fs keeps as the cause of the OSError it translates it into; None when the store gave no answer."""
+    for err in (e, e.__cause__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            return (response.get("ResponseMetadata", {}).get("HTTPStatusCode"),
+                    response.get("Error", {}).get("Code"))
+    return None
+
+
 def beside(path: str) -> str:
     """A fresh hidden name next to `path`, for a temp file that is linked or renamed into place."""
     return posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}")
 
 
-class _PlainWrites:
+class PlainWrites:
     """Conditional writes (create if absent; replace or remove only the version read) on a store that has
     none: a check, then a plain write. Of racing writers the last one wins, so callers read back."""
 
@@ -50,7 +66,7 @@ class _PlainWrites:
         return True
 
 
-class _LocalWrites(_PlainWrites):
+class _LocalWrites(PlainWrites):
     """A local (or NFS) disk, where fsspec has no exclusive create: os.link of a finished temp file creates,
     and fails when the name exists; a replace or remove first renames the file away, which only one of
     racing callers can do, and puts it back when it was not the version read (a hash of its bytes). A
@@ -111,9 +127,11 @@ class _LocalWrites(_PlainWrites):
             os.unlink(taken)
 
 
-class _S3Writes(_PlainWrites):
+class _S3Writes(PlainWrites):
     """S3's conditional requests: PUT with If-None-Match: * creates, PUT and DELETE with If-Match: <ETag>
-    replace or remove only the version read; a failed precondition is HTTP 412 (moto enforces both)."""
+    replace or remove only the version read; a failed precondition is HTTP 412 (moto enforces both). A store
+    without them may ignore the headers (the lock's read-back covers that) or refuse them with 501
+    (ConditionalWritesRefused)."""
 
     def read(self, path: str) -> tuple[bytes, str | None]:
         return sync(self.fs.loop, self._get, path)
@@ -141,15 +159,18 @@ class _S3Writes(_PlainWrites):
             self.fs.call_s3(method, Bucket=bucket, Key=key, **kwargs)
             return True
         except OSError as e:  # s3fs translates the ClientError and keeps it as the cause
-            code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+            status, code = http_answer(e) or (None, None)
             if code == "PreconditionFailed" or (code == "NoSuchKey" and "IfMatch" in kwargs):
                 return False
+            if status == 501 or code == "NotImplemented":
+                header = "If-None-Match" if "IfNoneMatch" in kwargs else "If-Match"
+                raise ConditionalWritesRefused(f"HTTP {status} {code} to a {method} with {header}") from e
             raise
         finally:
             self.fs.invalidate_cache(path)
 
 
-class _GCSWrites(_PlainWrites):
+class _GCSWrites(PlainWrites):
     """Google Cloud Storage's generation preconditions (ifGenerationMatch; 0: no live object), through
     gcsfs's JSON API calls. Written from the API docs and not run here: gcsfs is not installed."""
 
@@ -191,7 +212,7 @@ class _GCSWrites(_PlainWrites):
             self.fs.invalidate_cache(path)
 
 
-def conditional_writes(fs: fsspec.AbstractFileSystem) -> _PlainWrites:
+def conditional_writes(fs: fsspec.AbstractFileSystem) -> PlainWrites:
     """The conditional writes `fs` has: one class per kind of store, plain writes for the rest."""
     kinds = protocols(fs)
     if kinds & {"file", "local"}:
@@ -200,4 +221,4 @@ def conditional_writes(fs: fsspec.AbstractFileSystem) -> _PlainWrites:
         return _S3Writes(fs)
     if kinds & {"gs", "gcs"}:
         return _GCSWrites(fs)
-    return _PlainWrites(fs)
+    return PlainWrites(fs)

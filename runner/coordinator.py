@@ -32,6 +32,25 @@ class Track:
     error: str | None = None  # the last failure, kept for a unit given up
 
 
+class Phase(Enum):
+    """Where a worker is, as its crash report says it."""
+
+    LOADING = "while loading"
+    FIRST_DECODE = "on its first decode"
+    RUNNING = "running units"
+
+
+@dataclass
+class WorkerInfo:
+    """What a worker tells of itself when it starts (where its crash log is, its node's CPU), and its phase."""
+
+    node: str | None = None
+    log: str | None = None
+    cpu: str = "unknown"
+    phase: Phase = Phase.LOADING
+    held: tuple[str, ...] = ()  # filled in when asked: the units it holds
+
+
 @dataclass(frozen=True)
 class Lease:
     """The answer to a worker asking for work: units (each with its attempt number), `wait`, or `done`."""
@@ -73,6 +92,7 @@ class Coordinator:
         self.last_error: str | None = None
         self.times: dict[str, float] = {}  # when the first unit was leased, the first and the last committed
         self.loads: dict[str, float] = {}  # worker -> seconds its engine took to load
+        self.workers: dict[str, WorkerInfo] = {}  # worker -> what it told of itself
         self.metrics = None
         if job is not None:
             from runner.metrics import JobMetrics
@@ -166,18 +186,36 @@ class Coordinator:
         if track is not None and track.state is UnitState.LEASED and track.holder == worker:
             self._retry_or_give_up(track, error)
 
-    def worker_lost(self, worker: str, error: str) -> list[str]:
-        """Refuse the worker from now on; requeue (or give up on) every unit it held; returns their ids."""
+    def worker_lost(self, worker: str, how: str) -> list[str]:
+        """Refuse the worker from now on; requeue (or give up on) every unit it held; returns their ids.
+        `how` completes "worker W ...": `lost: <Ray's error>`, `crashed (SIGSEGV)`."""
         self.lost.add(worker)
         self.beats.pop(worker, None)
         held = sorted(self.holding.pop(worker, set()))
         for uid in held:  # the retry queue keeps plan order
-            self._retry_or_give_up(self.tracks[uid], f"worker {worker} lost: {error}")
+            self._retry_or_give_up(self.tracks[uid], f"worker {worker} {how}")
         return held
 
+    def starting(self, worker: str, info: WorkerInfo) -> None:
+        """A worker is up and loads its engine."""
+        self.workers[worker] = info
+
     def loaded(self, worker: str, seconds: float) -> None:
-        """A worker's engine is ready; it took `seconds` to load (the driver's timings show it)."""
+        """A worker's engine has loaded, in `seconds` (the driver's timings show it); its warm-up decode is next."""
         self.loads[worker] = seconds
+        self._phase(worker, Phase.FIRST_DECODE)
+
+    def ready(self, worker: str) -> None:
+        """A worker's warm-up decode is done: it takes units from now on."""
+        self._phase(worker, Phase.RUNNING)
+
+    def _phase(self, worker: str, phase: Phase) -> None:
+        self.workers.setdefault(worker, WorkerInfo()).phase = phase
+
+    def worker_info(self, worker: str) -> WorkerInfo:
+        """What the worker told of itself, its phase and the units it holds (asked before `worker_lost`)."""
+        info = self.workers.get(worker, WorkerInfo())
+        return WorkerInfo(info.node, info.log, info.cpu, info.phase, tuple(sorted(self.holding.get(worker, ()))))
 
     def timings(self) -> dict:
         """When the job's phases turned (wall clock) and each worker's load seconds."""

@@ -9,14 +9,15 @@ from dataclasses import dataclass
 from pydantic import BaseModel, Field
 
 from runner.batching import UnitWork
-from runner.calibrate import Calibration, calibrate_pools
+from runner.calibrate import Calibration, calibrate_pools, sample_units
 from runner.errors import SpecError
 from runner.planning import Plan, Unit, make_plan
 from runner.rows import row_error
 from runner.spec import JobSpec, Sampling
 from runner.tokens import open_tokens
 
-SAMPLE_ROWS = 2000  # rows tokenized (whole units spread over the job); a job this small is counted exactly
+SAMPLE_ROWS = 2000  # rows tokenized (whole units spread over the job); a job this small is counted exactly.
+# A calibration runs them too, and its replica reads more where they cannot fill its engine CALIBRATE_FILLS times.
 # After the last unit: the driver sees it, writes the manifest, report and ledger (0.3-0.4 s on the quickstart;
 # Ray stops meanwhile, after the job's wall time is taken).
 FINISH_S = 0.5
@@ -114,27 +115,18 @@ def estimate(spec: JobSpec, calibrate: bool = False, address: str | None = None)
                    units_sampled=len(sample.works), rows_bad=round(sample.bad * scale),
                    max_generated_tokens=round(generated * scale), pools=pools)
     if calibrate:
-        est = with_calibration(spec, est, sample, address, plan_s)
+        est = with_calibration(spec, est, sample, plan.units, address, plan_s)
     return est
 
 
 # -- the sample -----------------------------------------------------------------------------------------
 
 
-def sample_units(units: tuple[Unit, ...], target: int = SAMPLE_ROWS) -> list[Unit]:
-    """Whole units spread evenly over the job, about `target` rows in all; every unit of a smaller job."""
-    total = sum(u.num_rows for u in units)
-    if total <= target:
-        return list(units)
-    k = max(1, round(len(units) * target / total))
-    return [units[i * len(units) // k] for i in range(k)]
-
-
 def read_sample(spec: JobSpec, plan: Plan) -> Sample:
     from runner.reader import open_reader
 
     reader = open_reader(spec)
-    works = [reader.read(unit, 0) for unit in sample_units(plan.units)]
+    works = [reader.read(unit, 0) for unit in sample_units(plan.units, SAMPLE_ROWS)]
     prompts, samplings, bad = [], [], 0
     for work in works:
         rows = work.rows
@@ -177,15 +169,16 @@ def pool_estimate(spec: JobSpec, index: int, sample: Sample, scale: float) -> Po
 # -- calibrated: the ETA -----------------------------------------------------------------------------------
 
 
-def with_calibration(spec: JobSpec, est: Estimate, sample: Sample, address: str | None, plan_s: float) -> Estimate:
-    """Run the sample on one replica of each pool, one pool after another (so they do not share the CPUs),
-    and add each pool's measures and the job's ETA."""
+def with_calibration(spec: JobSpec, est: Estimate, sample: Sample, units: tuple[Unit, ...], address: str | None,
+                     plan_s: float) -> Estimate:
+    """Run the sample (and more of the job's `units`, where an engine holds more) on one replica of each pool,
+    one pool after another (so they do not share the CPUs), and add each pool's measures and the job's ETA."""
     from runner.remote import is_dashboard_address
 
     if is_dashboard_address(address):
         raise SpecError(f"--address {address}: runner plan --calibrate joins a cluster by its GCS address "
                         "(HEAD:6379), not its dashboard")
-    cals, ray_start_s = calibrate_pools(spec, sample.works, address)
+    cals, ray_start_s = calibrate_pools(spec, sample.works, units, address)
     pools = [p.model_copy(update={"calibration": c}) for p, c in zip(est.pools, cals)]
     return est.model_copy(update={"pools": pools, "eta": job_eta(spec, est.rows, cals, plan_s, ray_start_s)})
 

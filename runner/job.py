@@ -60,6 +60,10 @@ def run_job(spec: JobSpec, resolved_spec: dict, options: RunOptions = RunOptions
     started = time.time()
     timings = Timings()
     timings.mark("start")
+    if options.address:  # before the run plans and claims its output: a cluster that is not there is the one line
+        from runner.address import check_address
+
+        check_address(options.address)
     plan = validate(spec)
     timings.mark("plan")
     import_ray_meanwhile()  # while the lock is taken and the output location claimed

@@ -3,10 +3,11 @@
 The lock is a small object that a driver creates only if it is absent and rewrites every heartbeat only if
 it is unchanged since the driver read it back (the Location's conditional writes: an exclusive create and
 rename on a local disk, If-None-Match / If-Match on S3, a generation match on GCS, a plain write on other
-stores). A lock whose heartbeat stopped stale_s ago, or whose driver ran on this host and is gone, belongs to
-a dead driver and is taken over on the version read, so of two drivers taking it over at once one wins.
-After taking it, the driver reads it back, on an object store after a pause: on a store without conditional
-writes (or one that ignores them) the last writer wins and the other driver sees it. A local disk needs no
+stores and, said once, on an S3-compatible store that refuses conditional requests with HTTP 501). A lock
+whose heartbeat stopped stale_s ago, or whose driver ran on this host and is gone, belongs to a dead driver
+and is taken over on the version read, so of two drivers taking it over at once one wins. After taking it,
+the driver reads it back, on an object store after a pause: on a store without conditional writes (or one
+that ignores or refuses them) the last writer wins and the other driver sees it. A local disk needs no
 pause, since its kernel lets only one writer's link or rename through.
 
 Each heartbeat reads the lock first. When another run holds it (this driver's heartbeat was late and the

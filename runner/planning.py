@@ -19,7 +19,7 @@ from fsspec.utils import get_protocol
 
 from runner.errors import InputError, RunnerError, StorageError
 from runner.spec import JobSpec
-from runner.storage import retrying
+from runner.storage import describe, retrying
 
 _GLOB = set("*?[")
 
@@ -175,7 +175,7 @@ def list_inputs(url: str, storage_options: dict, suffix: str = ".parquet") -> li
     except RunnerError:
         raise
     except Exception as e:  # OSError, and an object store client's own errors (unreachable endpoint, auth)
-        raise StorageError(f"input.path: cannot list {url} ({e})") from None
+        raise StorageError(f"input.path: cannot list {url}: {describe(e)}") from None
     if not found:
         raise InputError(f"input.path: no files match {url}")
     return [(_with_protocol(protocol, p), found[p]) for p in sorted(found)]
@@ -216,7 +216,7 @@ def reading(url: str):
     except FileNotFoundError:
         raise InputError(f"{url}: does not exist") from None
     except OSError as e:
-        raise StorageError(f"{url}: cannot read ({e})") from None
+        raise StorageError(f"{url}: cannot read: {describe(e)}") from None
 
 
 def read_footer(url: str, storage_options: dict) -> pq.FileMetaData:

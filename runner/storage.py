@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
 import os
 import posixpath
+import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import fsspec
@@ -18,7 +20,8 @@ from fsspec.core import url_to_fs
 from pydantic import AfterValidator
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
-from runner.conditional import beside, conditional_writes, protocols
+from runner.conditional import (ConditionalWritesRefused, PlainWrites, beside, conditional_writes,
+                                http_answer, protocols)
 from runner.errors import RunnerError, StorageError, first_line
 
 log = logging.getLogger(__name__)
@@ -34,14 +37,47 @@ def absolute_local(url: str | None) -> str | None:
 
 PathOrUrl = Annotated[str, AfterValidator(absolute_local)]  # a job.yaml value naming a file or a location
 
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+# Error codes an object store gives for a moment of overload or an internal fault, as botocore's own retry
+# rules count them; a retry may pass. Any other code (AccessDenied, InvalidArgument, NoSuchBucket, ...) is an
+# answer about the request, which a retry gets again.
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "RequestLimitExceeded", "TooManyRequestsException", "BandwidthLimitExceeded",
+    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable", "OperationAborted",
+    "PriorRequestNotComplete",
+})
+# 501 Not Implemented and 505 HTTP Version Not Supported describe the request, not the server's state.
+_PERMANENT_STATUSES = frozenset({501, 505})
+# OSError numbers that s3fs gives throttling and server faults when it drops the HTTP response (EBUSY: SlowDown,
+# ServiceUnavailable; EREMOTEIO: InternalError), and that a network gives a moment's trouble.
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.ETIMEDOUT,
+                               errno.EAGAIN, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN})
+
+
+def _loaded(module: str, *names: str) -> tuple[type, ...]:
+    """The named classes of `module` if it is imported: an error can only be one of them if it is."""
+    found = sys.modules.get(module)
+    return tuple(getattr(found, n) for n in names if hasattr(found, n)) if found else ()
 
 
 def _transient(e: BaseException) -> bool:
-    """Connection resets, timeouts, 5xx: worth another try. A missing file or denied access is not."""
-    if isinstance(e, _PERMANENT) or isinstance(e, StorageError):
+    """Whether another try may pass: timeouts, connections refused or cut, throttling, HTTP 5xx. An answer
+    about the request (denied, missing, invalid, 501 Not Implemented) or a bad setting is not."""
+    if isinstance(e, RunnerError):  # decided already, and said
         return False
-    return isinstance(e, (OSError, ConnectionError, TimeoutError)) or "botocore" in type(e).__module__
+    answer = http_answer(e)
+    if answer is not None:
+        status, code = answer
+        return code in _TRANSIENT_CODES or status == 429 or (
+            status is not None and status >= 500 and status not in _PERMANENT_STATUSES)
+    tls = _loaded("botocore.exceptions", "SSLError") + _loaded("aiohttp", "ClientSSLError")
+    if isinstance(e, tls):  # a certificate, or https to a plain-http endpoint: a setting, not a moment
+        return False
+    network = (TimeoutError, ConnectionError,  # builtins: resets, refusals, timeouts (asyncio's and fsspec's too)
+               *_loaded("botocore.exceptions", "ConnectionError", "HTTPClientError", "IncompleteReadError",
+                        "ResponseParserError"),  # s3fs: a throttled store may answer with broken XML
+               *_loaded("aiohttp", "ClientConnectionError", "ClientPayloadError", "ServerTimeoutError"))
+    return isinstance(e, network) or (isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS)
 
 
 def _say_retrying(state) -> None:
@@ -71,6 +107,10 @@ class Location:
     fs: fsspec.AbstractFileSystem
     root: str
     url: str
+    writes: PlainWrites = field(init=False, repr=False)  # this store's conditional writes (runner.conditional)
+
+    def __post_init__(self) -> None:
+        self.writes = conditional_writes(self.fs)
 
     @classmethod
     def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> "Location":
@@ -102,32 +142,44 @@ class Location:
     def read_versioned(self, name: str) -> tuple[bytes, str | None]:
         """The object's bytes and its version, which `replace_if` and `remove_if` compare with: a hash of
         the bytes on a local disk, the ETag on S3, the generation on GCS, None on other stores."""
-        return conditional_writes(self.fs).read(self.path(name))
+        return self.writes.read(self.path(name))
 
     @property
     def exclusive_writes(self) -> bool:
         """Whether `create` and `replace_if` are decided by this machine's kernel, so no racing writer can win
         after they return True (a local disk). Object stores decide by request headers, which an S3-compatible
         store may ignore."""
-        return conditional_writes(self.fs).exclusive
+        return self.writes.exclusive
 
     @retrying
     def create(self, name: str, data: bytes) -> bool:
         """Write `name` only if it does not exist; False when it does. Atomic on a local disk, S3 and GCS;
         elsewhere a check, then a write, so racing creators must read back to learn which one won."""
-        return conditional_writes(self.fs).create(self.path(name), data)
+        return self._conditionally(lambda writes: writes.create(self.path(name), data))
 
     @retrying
     def replace_if(self, name: str, data: bytes, version: str | None) -> bool:
         """Replace `name` only if it is still at `version` (from `read_versioned`); False when it has
         changed or is gone. Atomic on a local disk, S3 and GCS; elsewhere an unconditional write."""
-        return conditional_writes(self.fs).replace(self.path(name), data, version)
+        return self._conditionally(lambda writes: writes.replace(self.path(name), data, version))
 
     @retrying
     def remove_if(self, name: str, version: str | None) -> bool:
         """Remove `name` only if it is still at `version`; False when it has changed or is gone (as
         `replace_if`)."""
-        return conditional_writes(self.fs).remove(self.path(name), version)
+        return self._conditionally(lambda writes: writes.remove(self.path(name), version))
+
+    def _conditionally(self, write) -> bool:
+        """`write(self.writes)`; on a store that refuses conditional requests (HTTP 501), said once, this
+        location's writes become plain ones (a check, then a write) and `write` is made with them. Not
+        retried: the store answers the same every time."""
+        try:
+            return write(self.writes)
+        except ConditionalWritesRefused as e:
+            log.warning("%s: the store refuses conditional writes (%s); using plain writes instead, which the "
+                        "job lock checks by reading back", self.url, e)
+            self.writes = PlainWrites(self.fs)
+            return write(self.writes)
 
     @retrying
     def read_bytes(self, name: str) -> bytes:
@@ -187,8 +239,17 @@ def storage_errors(what: str):
     except RunnerError:
         raise
     except Exception as e:
-        detail = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise StorageError(f"{what}: {detail}") from e
+        raise StorageError(f"{what}: {describe(e)}") from e
+
+
+def describe(e: BaseException, limit: int = 200) -> str:
+    """An error's text on one line, with the store's HTTP status and error code when it answered. botocore's
+    parameter errors span several lines, the first saying only "Parameter validation failed:"."""
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    text = " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    status, code = http_answer(e) or (None, None)
+    return f"{text} (HTTP {status} {code})" if status else text
 
 
 def prime_parquet() -> None:

@@ -5,6 +5,8 @@ Tests, the quickstart and the benchmarks use it; nothing ever downloads a model.
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import json
 import os
 import shutil
@@ -32,6 +34,10 @@ _WORDS = (
     "system assistant please summarize translate explain describe list sentence word text data model"
 ).split()
 SPECIALS = ("<unk>", "<s>", "</s>")
+WRITTEN = {"F32": 0, "Q8_0": 7, "BF16": 32}  # types gguf-py writes itself -> llama.cpp's file type
+# The GGUF types users run, as llama.cpp's llama_ftype (LLAMA_FTYPE_MOSTLY_*), made by llama_model_quantize.
+LLAMA_QUANTS = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "IQ4_XS": 30, "BF16": 32}
+SUPER_BLOCK = ("Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS")  # blocks of 256 weights: rows must be a multiple of 256
 
 
 @dataclass(frozen=True)
@@ -45,12 +51,19 @@ class TinyConfig:
     n_ff: int = 256
     n_vocab: int = 0  # 0: just the base vocabulary; more pads it with synthetic pieces
     n_ctx_train: int = 4096
-    quant: str = "Q8_0"  # how the GGUF stores the matrices: Q8_0, or exactly as the Hugging Face files (BF16, F32)
+    quant: str = "Q8_0"  # how the GGUF stores the matrices: Q8_0, exactly as the Hugging Face files (BF16, F32),
+    # or any LLAMA_QUANTS type, quantized from F32 by llama.cpp itself
     seed: int = 0
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @classmethod
+    def wide(cls, **over) -> "TinyConfig":
+        """A shape whose rows are multiples of 256, so K-quants and IQ4_XS quantize every matrix as asked
+        (llama.cpp falls back to another type for a narrower row)."""
+        return cls(**{"n_embd": 256, "n_head": 4, "n_ff": 512, **over})
 
 
 def build_vocab(n_vocab: int = 0) -> tuple[list[str], list[float], list[int]]:
@@ -157,10 +170,12 @@ def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_tiny_gguf(path: str | os.PathLike, config: TinyConfig = TinyConfig()) -> str:
     """Write the tiny llama as a GGUF at `path` (a local file) and return the path."""
+    c = config
+    if c.quant not in WRITTEN:
+        return quantize_gguf(write_tiny_gguf(f"{path}.f32", dataclasses.replace(c, quant="F32")), path, c.quant)
     import gguf
 
     tokens, scores, types = build_vocab(config.n_vocab)
-    c = config
     qtype = getattr(gguf.GGMLQuantizationType, c.quant)
     tmp = f"{path}.tmp{os.getpid()}"
     w = gguf.GGUFWriter(tmp, "llama")
@@ -175,7 +190,7 @@ def write_tiny_gguf(path: str | os.PathLike, config: TinyConfig = TinyConfig()) 
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(len(tokens))
-    w.add_file_type({"F32": 0, "Q8_0": 7, "BF16": 32}[c.quant])
+    w.add_file_type(WRITTEN[c.quant])
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -199,6 +214,27 @@ def write_tiny_gguf(path: str | os.PathLike, config: TinyConfig = TinyConfig()) 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    os.replace(tmp, path)
+    return str(path)
+
+
+def quantize_gguf(source: str, path: str | os.PathLike, quant: str, remove_source: bool = True) -> str:
+    """Quantize a GGUF with llama.cpp's own llama_model_quantize (as its llama-quantize tool does)."""
+    from runner.engines.llamacpp import llama_lib, quiet_logs
+
+    if quant not in LLAMA_QUANTS:
+        raise ValueError(f"quant: expected one of {', '.join(LLAMA_QUANTS)}, got {quant}")
+    ll = llama_lib()
+    quiet_logs(ll)
+    params = ll.llama_model_quantize_default_params()
+    params.ftype = LLAMA_QUANTS[quant]
+    params.nthread = os.cpu_count() or 1
+    tmp = f"{path}.tmp{os.getpid()}"
+    rc = ll.llama_model_quantize(source.encode(), tmp.encode(), ctypes.byref(params))
+    if remove_source:
+        os.remove(source)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize to {quant} failed with code {rc}")
     os.replace(tmp, path)
     return str(path)
 

@@ -41,7 +41,7 @@ class LlamaTokens:
     does: a prompt with BOS, a chat row rendered by runner.engines.llamacpp_chat with special tokens parsed."""
 
     def __init__(self, pool: LlamaCppPool, name: str):
-        from runner.engines.llamacpp import llama_lib, model_chat_template, quiet_logs
+        from runner.engines.llamacpp import llama_lib, model_chat_template, model_params, quiet_logs
         from runner.engines.llamacpp_chat import ChatTemplate
         from runner.storage import fetch_to_cache
 
@@ -49,9 +49,7 @@ class LlamaTokens:
         path = fetch_to_cache(pool.model, pool.model_storage_options, cache)  # where the engine finds it too
         ll = self.ll = llama_lib()
         quiet_logs(ll)
-        params = ll.llama_model_default_params()
-        params.vocab_only = True
-        self.model = ll.llama_model_load_from_file(path.encode(), params)
+        self.model = ll.llama_model_load_from_file(path.encode(), model_params(ll, pool.extra_buffers, vocab_only=True))
         if not self.model:
             raise ModelError(f"pool {name}: llama.cpp could not read the vocabulary of {pool.model}")
         self.vocab = ll.llama_model_get_vocab(self.model)

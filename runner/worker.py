@@ -10,8 +10,11 @@ import time
 from collections import deque
 
 from runner.batching import END, BatchLoop, UnitWork
-from runner.engines import create_engine
-from runner.errors import ModelError, RunnerError, first_line
+from runner.coordinator import WorkerInfo
+from runner.crashes import unwatch_crashes, watch_crashes
+from runner.engines import create_engine, load_error, warm_up
+from runner.errors import RunnerError
+from runner.hardware import cpu_flags, describe_cpu
 from runner.output import OutputStore
 from runner.reader import open_reader
 from runner.spec import JobSpec
@@ -193,24 +196,33 @@ class Worker:
         return f"Worker({self.identity})"
 
     def load(self) -> None:
+        """Build the engine, then warm it up with one short decode (runner.engines.warm_up); the coordinator
+        hears of each step, so a crash in either is reported as what it was."""
         pool = self.spec.workers[self.pool_index]
+        started = time.time()
         # Beside the model's load, which llama.cpp and vLLM do mostly without holding the GIL.
         primed = threading.Thread(target=prime_parquet, name="prime-parquet", daemon=True)
         primed.start()
         try:
             self.engine = create_engine(pool, self.spec)
         except Exception as e:
-            model = getattr(pool, "model", None) or pool.engine
-            why = first_line(e).removeprefix(f"{model}: ")
-            raise ModelError(f"pool {self.pool}: cannot load {model}: {why}") from None
+            raise load_error(self.pool, pool, e, "cannot load") from None
         finally:
             primed.join()
+        self.link.call("loaded", self.identity, time.time() - started)  # waited for: the first decode is next
+        try:
+            warm_up(self.engine)
+        except Exception as e:
+            self.engine.close()
+            raise load_error(self.pool, pool, e, "cannot decode with") from None
+        self.link.call("ready", self.identity)
 
     def run(self) -> dict:
         """Load the engine, then work until the coordinator has nothing left; returns this worker's totals."""
-        started = time.time()
+        # a native crash from here on names its signal in this file, which the driver reads back
+        self.crash_log, self.crash_file = watch_crashes(self.identity)
+        self.link.call("starting", self.identity, WorkerInfo(self.node, self.crash_log, describe_cpu(cpu_flags())))
         self.load()
-        self.link.tell("loaded", self.identity, time.time() - started)
         started = time.time()
         writer = threading.Thread(target=self._commit_loop, name="commit", daemon=True)
         writer.start()
@@ -229,6 +241,7 @@ class Worker:
         finally:
             stop_beat.set()
             self.engine.close()
+            unwatch_crashes(self.crash_log, self.crash_file)
         return {"worker": self.identity, "completion_tokens": self.tokens, "wall_s": time.time() - started}
 
     def stalled_s(self) -> float:

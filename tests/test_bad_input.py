@@ -3,6 +3,9 @@ traceback), or a row written with its error while the rest of the job completes.
 
 from __future__ import annotations
 
+import json
+import time
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +15,7 @@ from runner.cli import main
 from runner.job import RunOptions, run_job
 from runner.spec import load_spec
 
-from conftest import write_job, write_shard
+from conftest import require_vllm, write_job, write_shard
 
 pytest.importorskip("llama_cpp")
 
@@ -181,7 +184,7 @@ def test_bad_input_is_one_line(tmp_path, tiny_model, kind, setup, code, message)
     path = tmp_path / "job.yaml"
     write_job(path, setup(tmp_path, tiny_model))
     result = CliRunner().invoke(main, ["validate", str(path)])
-    expected = message.format(t=tmp_path, m=tiny_model, v=pytest.importorskip("vllm").__version__ if "{v}" in message
+    expected = message.format(t=tmp_path, m=tiny_model, v=require_vllm().__version__ if "{v}" in message
                               else "")
     assert result.exit_code == code, result.output
     lines = result.output.strip().splitlines()
@@ -219,9 +222,9 @@ def test_bad_rows_are_written_with_their_error_and_the_job_completes(ray_local, 
     assert sum(manifest["errors"].values()) == bad
 
 
-@pytest.fixture(scope="module")
-def strict_s3():
-    """moto's S3 server in a process of its own that checks credentials, so unknown keys are refused."""
+def moto_process(no_auth_requests: int):
+    """moto's S3 server in a process of its own that checks credentials once it has answered
+    `no_auth_requests` requests, so unknown keys are refused: its URL and the process."""
     import os
     import subprocess
     import sys
@@ -232,7 +235,7 @@ def strict_s3():
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(no_auth_requests)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
@@ -242,6 +245,13 @@ def strict_s3():
             break
         except OSError:
             time.sleep(0.2)
+    return url, proc
+
+
+@pytest.fixture(scope="module")
+def strict_s3():
+    """moto's S3 server in a process of its own that checks credentials, so unknown keys are refused."""
+    url, proc = moto_process(0)
     yield url
     proc.kill()
     proc.wait()
@@ -260,6 +270,83 @@ def test_bad_storage_credentials_are_one_line_and_keep_the_secret(strict_s3, tmp
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 5, result.output
     assert result.output.strip().splitlines() == [
-        "error: input.path: cannot list s3://bucket/in/ (The AWS Access Key Id you provided does not exist in our "
-        "records.)"]
+        "error: input.path: cannot list s3://bucket/in/: The AWS Access Key Id you provided does not exist in our "
+        "records. (HTTP 403 InvalidAccessKeyId)"]
     assert "do-not-print-me" not in result.output
+
+
+@pytest.fixture(scope="module")
+def denying_s3():
+    """moto's S3 server checking credentials and IAM policies, with one user whose key is known and who may do
+    nothing: (url, key id, secret). Its first two requests (creating the user and the key) need no key."""
+    import boto3
+
+    url, proc = moto_process(2)
+    iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x",
+                       aws_secret_access_key="x")
+    iam.create_user(UserName="nobody")
+    key = iam.create_access_key(UserName="nobody")["AccessKey"]
+    yield url, key["AccessKeyId"], key["SecretAccessKey"]
+    proc.kill()
+    proc.wait()
+
+
+def s3_job(tmp_path, inp: str, out: str, options: dict) -> str:
+    """An echo job with an S3 input or output (the other local); `options` are both's storage options."""
+    good_input(tmp_path)
+    where = {"input": {"path": inp}, "output": {"path": out}}
+    for side in where.values():
+        if side["path"].startswith("s3://"):
+            side["storage_options"] = options
+    top = {"name": "s3-refused", **where, "workers": [{"engine": "echo"}]}
+    return str(write_job(tmp_path / "job.yaml", "".join(f"{k}: {json.dumps(v)}\n" for k, v in top.items())))
+
+
+def one_line_at_once(command: str, path: str) -> str:
+    """`runner COMMAND job.yaml` in-process: it must end with exit 5 and one line within 3 s; the line."""
+    started = time.time()
+    result = CliRunner().invoke(main, [command, path])
+    elapsed = time.time() - started
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 5 and len(lines) == 1, result.output
+    assert elapsed < 3, f"{elapsed:.1f}s: {result.output}"
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["validate", "submit"])
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_access_denied_is_one_line_at_once(denying_s3, tmp_path, monkeypatch, command, side):
+    url, key, secret = denying_s3
+    monkeypatch.setenv("DENIED_SECRET", secret)
+    options = {"key": key, "secret": "${DENIED_SECRET}", "endpoint_url": url}
+    paths = {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), side: "s3://bucket/data/"}
+    path = s3_job(tmp_path, paths["input"], paths["output"], options)
+    line = one_line_at_once(command, path)
+    assert line == {"output": "error: output.path: s3://bucket/data is not writable: Access Denied "
+                              "(HTTP 403 AccessDenied)",
+                    "input": "error: input.path: cannot list s3://bucket/data/: Access Denied "
+                             "(HTTP 403 AccessDenied)"}[side]
+    assert secret not in line
+
+
+REFUSED = [  # (kind, output.path ({b}: the test's bucket), storage options over the bucket's, the cause said)
+    ("invalid bucket name", "s3://Bad_Bucket!/out", {},
+     'Parameter validation failed: Invalid bucket name "Bad_Bucket!": Bucket name must match the regex '),
+    ("a parameter S3 rejects with 400", "s3://{b}/out", {"s3_additional_kwargs": {"StorageClass": "BOGUS"}},
+     "The storage class you specified is not valid (HTTP 400 InvalidStorageClass)"),
+    ("endpoint without ://", "s3://{b}/out", {"endpoint_url": "http//bad"}, "Invalid endpoint: http//bad"),
+    ("endpoint not a URL", "s3://{b}/out", {"endpoint_url": "not a url"}, "Invalid endpoint: not a url"),
+]
+
+
+@pytest.mark.parametrize("command", ["validate", "submit"])
+@pytest.mark.parametrize("kind, out, over, cause", REFUSED, ids=[r[0] for r in REFUSED])
+def test_s3_refusals_no_retry_can_fix_are_one_line_at_once(s3_bucket, tmp_path, command, kind, out, over, cause):
+    from conftest import S3_OPTIONS, S3_SECRET
+
+    bucket, _ = s3_bucket
+    out = out.format(b=bucket)
+    path = s3_job(tmp_path, str(tmp_path / "in"), out, {**S3_OPTIONS, **over})
+    line = one_line_at_once(command, path)
+    assert line.startswith(f"error: output.path: {out} is not writable: {cause}"), line
+    assert S3_SECRET not in line

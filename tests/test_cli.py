@@ -227,3 +227,101 @@ def test_report_of_a_job_yaml_or_an_output_path(tmp_path):
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["report", str(tmp_path / "empty")])
     assert result.exit_code == 5 and result.output.count("\n") == 1 and "no runner job here" in result.output
+
+
+@pytest.fixture
+def not_a_gcs():
+    """An HTTP server on a free loopback port: something answers there, but not Ray. Its address."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("where", ["nothing", "not a GCS"])
+@pytest.mark.parametrize("command", [["submit", "--no-progress"], ["plan", "--calibrate"]], ids=["submit", "plan"])
+def test_an_address_without_a_ray_cluster_is_one_line_within_seconds(tmp_path, not_a_gcs, command, where):
+    from conftest import free_port, slow_echo_job
+
+    address = f"127.0.0.1:{free_port()}" if where == "nothing" else not_a_gcs
+    path = slow_echo_job(tmp_path, "no-cluster", rows=2, step_s=0.0)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.time()
+    run = subprocess.run(RUNNER + [*command, str(path), "--address", address], capture_output=True, text=True,
+                         timeout=120, env=env)
+    elapsed = time.time() - started
+    assert run.returncode == 9, run.stderr
+    assert run.stdout == "" and run.stderr.splitlines() == [{
+        "nothing": f"error: --address {address}: no Ray cluster answers there (connection refused)",
+        "not a GCS": f"error: --address {address}: something answers there, but not a Ray cluster's GCS (it does "
+                     "not speak gRPC); the head's GCS port is 6379 unless `ray start --port` said otherwise",
+    }[where]]
+    assert elapsed < 30, elapsed
+    assert not (tmp_path / "out").exists()  # refused before the run claimed its output location
+
+
+def test_ray_client_auto_and_malformed_addresses_are_one_line(monkeypatch):
+    import socket
+
+    from runner import address
+    from runner.errors import ClusterError
+
+    from conftest import free_port
+
+    monkeypatch.setattr(address, "GCS_PROBE_S", 1.0)
+    port = free_port()
+    with pytest.raises(ClusterError, match=rf"^--address ray://127\.0\.0\.1:{port}: no Ray cluster answers there "
+                                           r"\(connection refused\)$"):
+        address.check_address(f"ray://127.0.0.1:{port}")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # where "auto" looks first
+    with pytest.raises(ClusterError, match=rf"^--address auto \([\d.]+:{port}\): no Ray cluster answers there"):
+        address.check_address("auto")
+    with pytest.raises(ClusterError, match=r"^--address head: not HOST:PORT \(a head's GCS address, e\.g\. head:6379"):
+        address.check_address("head")
+    with socket.socket() as mute:  # accepts connections (the kernel does), never says a word
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        started = time.time()
+        with pytest.raises(ClusterError, match=r"but not a Ray cluster's GCS \(no gRPC answer within 3s\)"):
+            address.check_address(f"127.0.0.1:{mute.getsockname()[1]}")
+        assert time.time() - started < 5
+
+
+def test_a_grpc_server_that_is_not_a_gcs_is_one_line():
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from runner.address import check_address
+    from runner.errors import ClusterError
+
+    server = grpc.server(ThreadPoolExecutor(1))  # serves nothing: every method is unimplemented
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with pytest.raises(ClusterError) as e:
+            check_address(f"127.0.0.1:{port}")
+    finally:
+        server.stop(None)
+    assert str(e.value).startswith(f"--address 127.0.0.1:{port}: something answers there, but not a Ray "
+                                   "cluster's GCS (its answer to gRPC's health check: UNIMPLEMENTED ")
+
+
+def test_a_real_gcs_address_passes_the_check_and_the_job_joins_it(ray_local, tmp_path):
+    from conftest import slow_echo_job
+
+    from runner.address import check_address
+
+    gcs = ray_local.get_runtime_context().gcs_address
+    started = time.time()
+    check_address(gcs)
+    assert time.time() - started < 1
+    path = slow_echo_job(tmp_path, "joined", rows=3, step_s=0.0, num_cpus=0.5)
+    run = subprocess.run(RUNNER + ["submit", "--no-progress", str(path), "--address", gcs], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["rows_ok"] == 3

@@ -119,7 +119,7 @@ def test_a_replacement_coordinator_keeps_attempts_give_ups_and_what_workers_stil
     old.next_units("b", 1)
     old.worker_lost("b", "killed")
     old.next_units("c", 1)
-    old.worker_lost("c", "killed")  # unit 1: both attempts used, given up
+    old.worker_lost("c", "lost: killed")  # unit 1: both attempts used, given up
     seen = old.progress()
     assert seen["gave_up"] == {"part-00000-0000000001": "worker c lost: killed"}
     assert seen["attempts"] == {"part-00000-0000000000": 1, "part-00000-0000000001": 2}

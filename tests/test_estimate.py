@@ -222,3 +222,46 @@ def test_a_calibration_piece_keeps_each_rows_prompt_sampling_and_error(tmp_path)
     assert [p.rows.bad for p in pieces] == [{2: "bad_sampling: x"}, {3: "null_prompt: y"}, {}]
     assert pieces[2].rows.samplings == samplings[8:] and pieces[1].inputs.column("i").to_pylist() == [4, 5, 6, 7]
     assert [p.remaining for p in pieces] == [4, 4, 2]
+
+
+def test_a_calibration_fills_a_large_engine_from_more_of_the_job_than_the_drivers_sample(tmp_path, ray_local):
+    """An engine holding 1024 rows at once (a GPU vLLM holds 2048) needs 4 x 1024 rows for a steady rate:
+    more than the driver's 2000-row sample, so the replica reads more of the job; a job with fewer rows
+    runs them all."""
+    from runner.calibrate import CALIBRATE_FILLS
+
+    big, small = tmp_path / "big", tmp_path / "small"
+    for where, rows in ((big, 12_000), (small, 3_000)):
+        (where / "in").mkdir(parents=True)
+        write_shard(where / "in" / "a.parquet", sentences(rows, seed=6), row_group_size=250)
+    echo = {"engine": "echo", "name": "echo", "parallel": 1024}
+    est = estimate(load_spec(job(big, [echo], unit_rows=250))[0], calibrate=True)
+    cal = est.pools[0].calibration
+    assert cal.capacity == 1024 and est.rows_sampled < CALIBRATE_FILLS * 1024 <= cal.rows < 12_000
+    assert cal.rows_failed == 0 and cal.rows_per_s > 0
+    whole = estimate(load_spec(job(small, [echo], unit_rows=250))[0], calibrate=True)
+    assert whole.pools[0].calibration.rows == 3_000
+
+
+def test_the_rows_a_replica_reads_beyond_the_sample_are_spread_over_the_job_and_read_once(tmp_path):
+    import time
+
+    from runner.calibrate import read_more
+    from runner.estimate import SAMPLE_ROWS, read_sample
+    from runner.planning import make_plan
+
+    (tmp_path / "in").mkdir()
+    for s in range(4):
+        write_shard(tmp_path / "in" / f"{s}.parquet", sentences(5_000, seed=s), row_group_size=100)
+    spec = load_spec(job(tmp_path, [{"engine": "echo", "name": "echo"}], unit_rows=100))[0]
+    plan = make_plan(spec)
+    sample = read_sample(spec, plan)
+    assert sample.rows <= SAMPLE_ROWS < 8_000
+    works = read_more(spec, sample.works, plan.units, 8_000, time.time() + 60)
+    ids = [w.unit.id for w in works]
+    order = {u.id: i for i, u in enumerate(plan.units)}
+    assert ids[:len(sample.works)] == [w.unit.id for w in sample.works] and len(set(ids)) == len(ids)
+    assert 8_000 <= sum(len(w.rows.prompts) for w in works) < 8_000 + 100
+    added = sorted(order[i] for i in ids[len(sample.works):])
+    assert added[0] < len(plan.units) / 8 and added[-1] > len(plan.units) * 7 / 8  # the whole job, not its start
+    assert read_more(spec, sample.works, plan.units, 8_000, time.time() - 1) == sample.works  # out of time

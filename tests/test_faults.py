@@ -82,10 +82,13 @@ def test_a_worker_killed_by_pid_has_its_units_redone_elsewhere(ray_local, tmp_pa
 
 
 def vllm_processes() -> list:
-    """vLLM's engine cores and model workers on this machine (they title themselves VLLM::...)."""
+    """vLLM's engine cores and model workers alive on this machine (they title themselves VLLM::...).
+
+    A zombie is dead: an engine this test process built and closed earlier stays one until it is reaped."""
     import psutil
 
-    return [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("VLLM::")]
+    return [p for p in psutil.process_iter(["name", "status"])
+            if (p.info["name"] or "").startswith("VLLM::") and p.info["status"] != psutil.STATUS_ZOMBIE]
 
 
 def test_a_vllm_replica_killed_by_pid_has_its_units_redone(ray_local, tiny_hf_model, tmp_path):
@@ -115,7 +118,7 @@ def test_a_vllm_replica_killed_by_pid_has_its_units_redone(ray_local, tiny_hf_mo
 
 
 def poison_job(tmp_path: Path, rows: int, poison_row: int, **job) -> Path:
-    """An echo job whose engine process dies, as on a native crash, on the row that says POISON."""
+    """An echo job whose engine process crashes (a real SIGSEGV) on the row that says POISON."""
     prompts = [f"row {i} is fine" for i in range(rows)]
     prompts[poison_row] = "row POISON crashes the engine"
     return slow_echo_job(tmp_path, "poison", rows, step_s=0.02, prompts=prompts,
@@ -133,7 +136,8 @@ def test_a_poison_unit_is_written_as_failed_after_its_attempts_and_the_rest_comp
     assert sorted(r["source_row"] for r in out) == list(range(rows))  # every row once
     failed = sorted(r["source_row"] for r in out if r["error"])
     assert failed == [16, 17, 18, 19]  # the poison row's unit, and no other
-    assert all(r["error"].startswith("unit_failed: after 3 attempts: worker echo0-") for r in out if r["error"])
+    assert all(r["error"].startswith("unit_failed: after 3 attempts: worker echo0-") and
+               r["error"].endswith(" crashed (SIGSEGV)") for r in out if r["error"])
     assert all(r["text"] == f"row {r['source_row']} is fine" for r in out if not r["error"])
     assert manifest["rows_failed"] == 4 and manifest["errors"] == {"unit_failed": 4}
     markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_commits").iterdir()]

@@ -5,12 +5,13 @@ import json
 
 import pyarrow.dataset as ds
 import pytest
+import yaml
 
 from runner.errors import InputError, JobConflictError, ModelError
 from runner.job import RunOptions, job_status, run_job
-from runner.spec import parse_spec
+from runner.spec import load_spec, parse_spec
 
-from conftest import S3_OPTIONS, S3_SECRET, vllm_pool, write_shard
+from conftest import S3_OPTIONS, S3_SECRET, vllm_pool, write_job, write_shard
 
 pytest.importorskip("llama_cpp")
 
@@ -116,6 +117,38 @@ def test_resume_skips_committed_units_and_refuses_another_job(ray_local, tiny_mo
     m = run_job(other, other_resolved, RunOptions(progress=False, overwrite=True))
     assert m["units_skipped"] == 0 and max(r["completion_tokens"] for r in
                                          check_exactly_once(str(tmp_path / "out"), shards)) <= 3
+
+
+def test_the_same_job_with_every_default_written_out_resumes(ray_local, tiny_model, tmp_path):
+    """A job.yaml that writes out every default another leaves unwritten (the resolved spec, as _job.json keeps
+    it, and OpenAI's response_format text) is the same job: it resumes, with nothing to run again."""
+    write_shard(tmp_path / "in.parquet", GOOD * 3)
+    short = write_job(tmp_path / "short.yaml", f"""
+        name: defaults
+        input: {{path: {tmp_path / "in.parquet"}}}
+        output: {{path: {tmp_path / "out"}}}
+        sampling: {{max_tokens: 4}}
+        unit_rows: 5
+        workers: [{{engine: llamacpp, model: {tiny_model}, n_ctx: 64, parallel: 2}}]
+        """)
+    spec, resolved = load_spec(short)
+    first = run_job(spec, resolved, RunOptions(progress=False))
+    written = parts_and_commits(tmp_path / "out")
+
+    full = json.loads(json.dumps(resolved))  # every key: sampling's n 1 and logprobs 0, input.format, pooling...
+    full["sampling"]["response_format"] = {"type": "text"}
+    assert {"n", "logprobs", "regex"} <= full["sampling"].keys() and full["input"]["format"] == "parquet"
+    assert full["workers"][0]["pooling"] == "model" and full["task"] == "generate"
+    spec2, resolved2 = load_spec(write_job(tmp_path / "full.yaml", yaml.safe_dump(full)))
+    again = run_job(spec2, resolved2, RunOptions(progress=False))
+    assert (again["units_skipped"], again["units_this_run"]) == (first["units_total"], 0)
+    assert parts_and_commits(tmp_path / "out") == written  # not generated again
+
+
+def parts_and_commits(out) -> dict:
+    """Each output part and commit marker under `out`: its bytes."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.suffix == ".parquet" or p.parent.name == "_commits"}
 
 
 def test_s3_input_and_output_with_secrets_kept_out(ray_local, tiny_model, s3_bucket):

@@ -119,8 +119,9 @@ def test_a_vllm_job_writes_parsed_logprobs_and_choices(tiny_hf_model, ray_local,
 
     rows = sorted(ds.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist(), key=lambda r: r["id"])
     assert [r["id"] for r in rows] == list(range(12))
-    stopped = [r for r in rows if r["finish_reason"] == "stop"]
-    assert stopped and all(r["error"] is None and r["parsed"] == json.loads(r["text"]) for r in stopped)
+    # compact JSON (the vLLM pool's default) finishes every row, as llama.cpp's grammar does
+    assert [r["finish_reason"] for r in rows] == ["stop"] * 12, [r["text"][:40] for r in rows]
+    assert all(r["error"] is None and r["parsed"] == json.loads(r["text"]) for r in rows)
     for r in rows:
         assert len(r["logprobs"]) == r["completion_tokens"] and all(len(t["top_logprobs"]) == 2 for t in r["logprobs"])
         assert (r["choices"] is not None) == (r["id"] in (1, 5))

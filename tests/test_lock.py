@@ -260,3 +260,42 @@ def test_a_driver_frozen_past_stale_s_loses_its_lock_to_a_second_submit(tmp_path
                 p.kill()
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["units_committed"] == 10 and not lock.exists()
+
+
+def refuse_conditional(method, headers):
+    """A store without conditional writes that says so: 501 to a PUT or DELETE with If-None-Match or If-Match."""
+    if method in ("PUT", "DELETE") and ("If-None-Match" in headers or "If-Match" in headers):
+        return 501, "NotImplemented"
+    return None
+
+
+def test_a_job_on_a_store_refusing_conditional_writes_locks_with_plain_writes(s3_bucket, s3_proxy, tmp_path):
+    """A real `runner submit` whose output store answers 501 to conditional requests: one warning, then the
+    lock is created, renewed every heartbeat (0.3s) and removed with plain writes; no retries, one run."""
+    import pyarrow.parquet as pq
+
+    from conftest import S3_OPTIONS
+
+    bucket, fs = s3_bucket
+    proxy = s3_proxy(refuse_conditional)
+    out = {"path": f"s3://{bucket}/out", "storage_options": S3_OPTIONS}
+    path = slow_echo_job(tmp_path, "refused", rows=8, step_s=0.3, job={"output": out})
+    env = {**os.environ, "TEST_S3_ENDPOINT": proxy.url, "RUNNER_LOCK_HEARTBEAT_S": "0.3"}
+    started = time.time()
+    run = subprocess.run(RUNNER + ["submit", "--no-dashboard", "--no-progress", str(path)], env=env,
+                         capture_output=True, text=True, timeout=180)
+    elapsed = time.time() - started
+    assert run.returncode == 0, run.stderr
+    warned = [line for line in run.stderr.splitlines() if "conditional writes" in line]
+    assert warned == [f"runner: s3://{bucket}/out: the store refuses conditional writes (HTTP 501 NotImplemented "
+                      "to a put_object with If-None-Match); using plain writes instead, which the job lock checks "
+                      "by reading back"], run.stderr
+    assert "retrying" not in run.stderr and proxy.refused == 1
+    fs.invalidate_cache()
+    manifest = json.loads(fs.cat_file(f"{bucket}/out/_manifest.json"))
+    assert manifest["status"] == "succeeded" and manifest["units_committed"] == 8 and manifest["rows_ok"] == 8
+    ids = [i for name in fs.find(f"{bucket}/out") if name.endswith(".parquet")
+           for i in pq.read_table(fs.open(name, "rb")).column("source_row").to_pylist()]
+    assert sorted(ids) == list(range(8))  # every row once
+    assert not fs.exists(f"{bucket}/out/{LOCK}")
+    assert elapsed < 60, elapsed

@@ -1,3 +1,4 @@
+import copy
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,81 @@ def test_fingerprint_changes_with_outputs_not_with_replicas():
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
 
 
+VLLM = {"engine": "vllm", "model": "org/model"}
+# Each default written out, one at a time (a key path and its default): none may change the fingerprint.
+DEFAULTS = [
+    (("sampling", "n"), 1), (("sampling", "logprobs"), 0), (("sampling", "response_format"), None),
+    (("sampling", "response_format"), {"type": "text"}), (("sampling", "regex"), None),
+    (("sampling", "choice"), None), (("sampling", "grammar"), None), (("sampling", "temperature"), 0),
+    (("sampling", "stop"), []), (("input", "format"), "parquet"), (("input", "columns"), []),
+    (("input", "id_column"), None), (("input", "messages_column"), None), (("input", "sampling_column"), None),
+    (("task",), "generate"), (("embedding", "normalize"), True), (("unit_rows",), 256),
+    (("workers", 1, "chat_template"), None), (("workers", 1, "engine_args", "dtype"), "auto"),
+    (("workers", 1, "engine_args", "runner"), "generate"), (("workers", 1, "engine_args", "runner"), "auto"),
+    (("workers", 1, "engine_args", "revision"), None),
+    (("workers", 1, "engine_args", "logprobs_mode"), "raw_logprobs"),
+    (("workers", 1, "engine_args", "structured_outputs_config"), {}),
+    (("workers", 1, "engine_args", "structured_outputs_config"), None),
+    (("workers", 1, "engine_args", "structured_outputs_config"), {"backend": "xgrammar"}),
+    (("workers", 1, "engine_args", "structured_outputs_config"), {"disable_any_whitespace": True}),
+    (("workers", 1, "engine_args", "structured_outputs_config"), {"reasoning_parser": "",
+                                                                  "disable_additional_properties": False}),
+]
+
+
+def written(*pairs: tuple) -> dict:
+    """BASE with an echo and a vLLM pool, and each (key path, value) of `pairs` written in."""
+    raw = copy.deepcopy({**BASE, "workers": [{"engine": "echo"}, {**VLLM, "engine_args": {"max_num_seqs": 8}}]})
+    for key, value in pairs:
+        *parents, last = key
+        node = raw
+        for k in parents:
+            node = node.setdefault(k, {}) if isinstance(k, str) else node[k]
+        node[last] = value
+    return raw
+
+
+def fingerprint(*pairs: tuple) -> str:
+    return parse_spec(written(*pairs), {})[0].fingerprint()
+
+
+@pytest.mark.parametrize("key, value", DEFAULTS, ids=[f"{'.'.join(map(str, k))}={v}" for k, v in DEFAULTS])
+def test_a_default_written_out_changes_no_fingerprint(key, value):
+    assert fingerprint((key, value)) == fingerprint()
+
+
+SAMPLED = (("sampling", "temperature"), 0.7)
+
+
+@pytest.mark.parametrize("key, value", [
+    (("sampling", "n"), 2), (("sampling", "logprobs"), 1), (("sampling", "response_format"), {"type": "json_object"}),
+    (("workers", 1, "engine_args", "dtype"), "float16"), (("workers", 1, "engine_args", "runner"), "draft"),
+    (("workers", 1, "engine_args", "structured_outputs_config"), {"disable_any_whitespace": False}),
+    (("workers", 1, "engine_args", "structured_outputs_config"), {"backend": "guidance"}),
+    (("workers", 1, "engine_args", "structured_outputs_config"), {"reasoning_parser": "qwen3"}),
+], ids=lambda v: str(v))
+def test_a_value_other_than_the_default_changes_the_fingerprint(key, value):
+    assert fingerprint(SAMPLED, (key, value)) != fingerprint(SAMPLED)  # sampled: n > 1 needs a temperature
+
+
+def test_existing_jobs_keep_their_fingerprints():
+    # What these jobs hashed to before a default written out stopped counting: their resumes still match.
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}}
+    jobs = {
+        "plain": ({}, "1f7c64546729faca"),
+        "n and logprobs": ({"sampling": {"n": 2, "temperature": 1, "logprobs": 3}}, "5e473bbe8a0b7937"),
+        "a schema": ({"sampling": {"response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}},
+                     "f0c377e2946f6c19"),
+        "vllm": ({"workers": [{**VLLM, "engine_args": {"dtype": "float16", "structured_outputs_config": {
+            "backend": "guidance"}}}]}, "4753a406cda2e921"),
+        "openai_batch": ({"input": {"path": "/data/in/", "format": "openai_batch"}}, "e72d0182a332af6a"),
+        "embed": ({"task": "embed", "embedding": {"normalize": False}}, "642d2db4b52e6088"),
+    }
+    got = {name: parse(**over)[0].fingerprint() for name, (over, _) in jobs.items()}
+    assert got == {name: fingerprint for name, (_, fingerprint) in jobs.items()}
+    assert parse(sampling={"n": 1})[0].fingerprint() == jobs["plain"][1]  # was 35232b0aeff97737: resume refused
+
+
 def test_spec_is_frozen():
     spec, _ = parse()
     with pytest.raises(Exception):
@@ -120,4 +196,6 @@ def test_shipped_job_specs_are_valid(path):
     # the resolved spec, defaults filled in, is a valid spec of the same job; so is the redacted one _job.json
     # records (secrets shown as their ${VAR})
     assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+    # and resumes the job: every default written out, it has the same fingerprint
+    assert JobSpec.model_validate(spec.model_dump(mode="json")).fingerprint() == spec.fingerprint()
     assert JobSpec.model_validate(resolved).pool_names() == spec.pool_names()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import ctypes
 import time
 import zlib
 from collections import deque
@@ -17,8 +17,9 @@ from runner.spec import JobSpec
 class EchoEngine:
     """Generates the prompt's own words (a chat row's last message), one word a token, `capacity` rows a step.
 
-    engine_args: `step_s` sleeps that long each step (to model a slow engine); `crash_on` ends the whole
-    process, as a native crash would, when a prompt contains that text (a poison row); `hang_on` makes the
+    engine_args: `step_s` sleeps that long each step (to model a slow engine); `crash_on` crashes the whole
+    process with a real SIGSEGV, as a native engine's crash does, when a prompt contains that text (a poison
+    row; "" crashes on every row, the warm-up's too: a model that cannot decode); `hang_on` makes the
     step never return, as a deadlocked native engine would. For task embed a row's vector counts its words'
     hashes in `dim` buckets: the same text always gives the same vector.
     """
@@ -53,8 +54,8 @@ class EchoEngine:
         done = []
         for _ in range(min(self.capacity, len(self.queue))):
             r = self.queue.popleft()
-            if self.crash_on and r.prompt and self.crash_on in r.prompt:
-                os._exit(70)  # no exception, no cleanup: what a segfault in a native engine looks like
+            if self.crash_on is not None and r.prompt and self.crash_on in r.prompt:
+                ctypes.string_at(0)  # a real SIGSEGV, as a native engine's crash is
             while self.hang_on and r.prompt and self.hang_on in r.prompt:
                 time.sleep(3600)
             words = echo_words(r.prompt if r.messages is None else r.messages)

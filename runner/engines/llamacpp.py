@@ -15,6 +15,7 @@ from runner.engines.base import Choice, Completion, Request, TokenLogprob
 from runner.engines.llamacpp_chat import ChatTemplate, RowError, render_chat
 from runner.engines.llamacpp_grammar import GrammarError, Grammars, GrammarTextDecoder
 from runner.errors import EngineError, ModelError
+from runner.hardware import cpu_flags, has_amx
 from runner.pools import LlamaCppPool
 from runner.spec import JobSpec, Sampling
 
@@ -106,12 +107,12 @@ class LlamaCppEngine:
 
     def __init__(self, model_path: str, n_ctx: int = 2048, parallel: int = 8, n_threads: int = 1,
                  n_batch: int = 512, flash_attn: bool = False, kv_unified: bool = False,
-                 prefix_reuse: bool = True, prefix_min_tokens: int = 32, chat_template: str | None = None):
+                 prefix_reuse: bool = True, prefix_min_tokens: int = 32, chat_template: str | None = None,
+                 extra_buffers: str = "auto"):
         ll = self.ll = llama_lib()
         quiet_logs(ll)
         ll.llama_backend_init()
-        mparams = ll.llama_model_default_params()
-        self.model = ll.llama_model_load_from_file(model_path.encode(), mparams)
+        self.model = ll.llama_model_load_from_file(model_path.encode(), model_params(ll, extra_buffers))
         if not self.model:
             raise ModelError(f"{model_path}: llama.cpp could not load this model")
         self.vocab = ll.llama_model_get_vocab(self.model)
@@ -160,9 +161,9 @@ class LlamaCppEngine:
             from runner.engines.llamacpp_embed import LlamaCppEmbedder
 
             return LlamaCppEmbedder(path, pool.n_ctx, pool.parallel, pool.threads, pool.n_batch, pool.pooling,
-                                    spec.embedding.normalize, pool.flash_attn)
+                                    spec.embedding.normalize, pool.flash_attn, pool.extra_buffers)
         return cls(path, pool.n_ctx, pool.parallel, pool.threads, pool.n_batch, pool.flash_attn, pool.kv_unified,
-                   pool.prefix_reuse, pool.prefix_min_tokens, pool.chat_template)
+                   pool.prefix_reuse, pool.prefix_min_tokens, pool.chat_template, pool.extra_buffers)
 
     # -- the engine protocol -------------------------------------------------------------------
 
@@ -491,6 +492,28 @@ class LlamaCppEngine:
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(s.temperature))
         ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist((s.seed + choice) & 0xFFFFFFFF))
         return chain
+
+
+def use_extra_buffers(setting: str = "auto", flags: frozenset[str] | None = None) -> bool:
+    """Whether llama.cpp may put weights in its extra CPU buffer types (the pool's `extra_buffers`).
+
+    They hold the AMX matrix multiply and weight repacking. On a CPU with AMX (Sapphire Rapids and later),
+    llama.cpp built for the machine, as llama-cpp-python builds it, takes the AMX path for quantized weights
+    and crashes on the first decode (ggml-org/llama.cpp#20824): "auto" turns them off there. Elsewhere
+    repacking is kept, since it speeds Q4_0 up (benchmarks/llamacpp_quants.py measures it). `flags`: the
+    CPU's, read from this node when None.
+    """
+    if setting != "auto":
+        return setting == "on"
+    return not has_amx(cpu_flags() if flags is None else flags)
+
+
+def model_params(ll, extra_buffers: str = "auto", vocab_only: bool = False):
+    """llama_model_params for every model runner loads (generation, embedding, runner plan's vocabulary)."""
+    params = ll.llama_model_default_params()
+    params.use_extra_bufts = use_extra_buffers(extra_buffers)
+    params.vocab_only = vocab_only
+    return params
 
 
 def token_piece(ll, vocab, token: int, special: bool = False) -> bytes:

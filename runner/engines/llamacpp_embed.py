@@ -8,7 +8,7 @@ from collections import deque
 import numpy as np
 
 from runner.engines.base import Completion, Request
-from runner.engines.llamacpp import llama_lib, quiet_logs, tokenize
+from runner.engines.llamacpp import llama_lib, model_params, quiet_logs, tokenize
 from runner.errors import EngineError, ModelError
 
 _POOLING = {"mean": 1, "cls": 2, "last": 3}  # llama.cpp's LLAMA_POOLING_TYPE_*
@@ -27,11 +27,12 @@ class LlamaCppEmbedder:
     """
 
     def __init__(self, model_path: str, n_ctx: int = 2048, parallel: int = 8, n_threads: int = 1,
-                 n_batch: int = 512, pooling: str = "model", normalize: bool = True, flash_attn: bool = False):
+                 n_batch: int = 512, pooling: str = "model", normalize: bool = True, flash_attn: bool = False,
+                 extra_buffers: str = "auto"):
         ll = self.ll = llama_lib()
         quiet_logs(ll)
         ll.llama_backend_init()
-        self.model = ll.llama_model_load_from_file(model_path.encode(), ll.llama_model_default_params())
+        self.model = ll.llama_model_load_from_file(model_path.encode(), model_params(ll, extra_buffers))
         if not self.model:
             raise ModelError(f"{model_path}: llama.cpp could not load this model")
         self.vocab = ll.llama_model_get_vocab(self.model)

