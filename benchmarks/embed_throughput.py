@@ -24,12 +24,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from measure import Row, submit  # benchmarks/measure.py, beside this script
 
 from runner.engines.base import Request
-from runner.engines.llamacpp_embed import LlamaCppEmbedder
+from runner.engines.llamacpp.embed import LlamaCppEmbedder
 from runner.tinymodel import _WORDS, write_tiny_model
-
-from measure import Row, submit  # benchmarks/measure.py, beside this script
 
 
 def make_prompts(n: int, seed: int) -> list[str]:
@@ -77,8 +76,8 @@ def run_job(workdir: Path, model: str, prompts: list[str], args) -> tuple[Row, R
 
 def _busy_seconds(out: str) -> float:
     """First unit started to last unit committed, per worker, summed over workers (one replica here)."""
-    from runner.ledger import Ledger
-    from runner.storage import Location
+    from runner.output.ledger import Ledger
+    from runner.storage.location import Location
 
     spans: dict[str, list[float]] = {}
     for m in Ledger.load(Location.open(out, {})).stats:

@@ -27,12 +27,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from runner.cluster.ray import RunOptions
 from runner.engines.base import Completion
-from runner.job import RunOptions, finish, run_job
-from runner.ledger import LEDGER
-from runner.output import COMMITS, OutputStore, UnitStats
-from runner.planning import make_plan
-from runner.spec import load_spec
+from runner.inputs.plan import make_plan
+from runner.job import finish, run_job
+from runner.output.ledger import LEDGER
+from runner.output.store import COMMITS, OutputStore, UnitStats
+from runner.spec.job import load_spec
 
 S3_KEY, S3_SECRET = "bench-key", "bench-secret"
 READ = re.compile(r"ledger \S+: (\d+) units, \d+ in the summary, (\d+) markers read")
@@ -194,8 +195,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger().handlers[0].setLevel(logging.WARNING)  # the ledger's debug lines only reach `reads`
     reads = MarkerReads()
-    logging.getLogger("runner.ledger").setLevel(logging.DEBUG)
-    logging.getLogger("runner.ledger").addHandler(reads)
+    logging.getLogger("runner.output.ledger").setLevel(logging.DEBUG)
+    logging.getLogger("runner.output.ledger").addHandler(reads)
     rows: list = []
     with tempfile.TemporaryDirectory(prefix="ledger-scale-") as tmp:
         for storage in args.storage.split(","):

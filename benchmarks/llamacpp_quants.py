@@ -23,13 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from runner.engines.base import Request
-from runner.engines.llamacpp import LlamaCppEngine, use_extra_buffers
-from runner.hardware import cpu_flags, describe_cpu
-from runner.spec import Sampling
-from runner.tinymodel import quantize_gguf, write_tiny_gguf
-
 from llamacpp_throughput import MODEL_125M, make_prompts  # beside this script
+
+from runner.engines.base import Request
+from runner.engines.llamacpp.generate import LlamaCppEngine
+from runner.engines.llamacpp.lib import use_extra_buffers
+from runner.hardware import cpu_flags, describe_cpu
+from runner.spec.sampling import Sampling
+from runner.tinymodel import quantize_gguf, write_tiny_gguf
 
 TYPES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS"]
 

@@ -29,13 +29,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from measure import Row, submit  # benchmarks/measure.py, beside this script
 
 from runner.engines.base import Request
-from runner.engines.llamacpp import LlamaCppEngine
-from runner.spec import Sampling
+from runner.engines.llamacpp.generate import LlamaCppEngine
+from runner.spec.sampling import Sampling
 from runner.tinymodel import _WORDS, TinyConfig, write_tiny_gguf
-
-from measure import Row, submit  # benchmarks/measure.py, beside this script
 
 MODEL_125M = TinyConfig(n_embd=768, n_layer=12, n_head=12, n_head_kv=4, n_ff=2048, n_vocab=32000, quant="Q8_0")
 

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from measure import submit  # benchmarks/measure.py, beside this script
 
 TOPICS = ["a lighthouse", "the stock market", "a recipe for bread", "the moon landing", "a chess opening",
@@ -63,10 +62,10 @@ def on_gpu() -> bool:
 
 def batch_loop(engine, prompts: list[str], max_tokens: int, unit_rows: int) -> tuple[int, float]:
     """The runner's batching loop over units of `unit_rows` prompts, fed from memory; (tokens, seconds)."""
-    from runner.batching import END, BatchLoop, UnitWork
-    from runner.planning import Unit
-    from runner.rows import Rows
-    from runner.spec import Sampling
+    from runner.inputs.rows import Rows
+    from runner.inputs.units import Unit, UnitWork
+    from runner.spec.sampling import Sampling
+    from runner.worker.batching import END, BatchLoop
 
     works = [UnitWork(Unit(f"u{i}", "f", i, len(c), (0,), 0), 1, pa.table({"p": c}), Rows(c))
              for i, c in enumerate(prompts[j:j + unit_rows] for j in range(0, len(prompts), unit_rows))]
@@ -109,8 +108,8 @@ def bare_and_engine(model: str, prompts: list[str], max_tokens: int, engine_args
 
 
 def llamacpp_engine(pool: dict, prompts: list[str], max_tokens: int, unit_rows: int) -> tuple[int, float]:
-    from runner.engines import create_engine
-    from runner.spec import parse_spec
+    from runner.engines.build import create_engine
+    from runner.spec.job import parse_spec
 
     spec = parse_spec({"name": "bench", "input": {"path": "/unused"}, "output": {"path": "/unused"},
                        "workers": [pool]}, {})[0]

@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 # Exported name -> the module that owns it.
 _EXPORTS = {
     **dict.fromkeys(("submit", "status", "read", "plan", "load_job"), "runner.api"),
-    **dict.fromkeys(("Manifest", "JobStatus", "PoolStats", "WorkerStats", "RequestCounts"), "runner.manifest"),
-    "JobSpec": "runner.spec",
+    **dict.fromkeys(("Manifest", "JobStatus", "PoolStats", "WorkerStats", "RequestCounts"), "runner.output.manifest"),
+    "JobSpec": "runner.spec.job",
     **dict.fromkeys(("RunnerError", "SpecError", "InputError", "ModelError", "StorageError", "JobConflictError",
                      "JobFailedError", "EngineError", "ClusterError"), "runner.errors"),
 }

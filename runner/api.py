@@ -13,17 +13,28 @@ from typing import TYPE_CHECKING, Any, Union
 
 import pyarrow.dataset as ds
 
-from runner.errors import (ClusterError, EngineError, InputError, JobConflictError, JobFailedError, ModelError,
-                           RunnerError, SpecError, StorageError, first_line)
-from runner.job import RunOptions, job_status, run_job
-from runner.manifest import JobStatus, Manifest
-from runner.output import JOB, MANIFEST, OutputStore, list_markers
-from runner.planning import part_name
-from runner.spec import JobSpec, load_spec, parse_spec, redact
-from runner.storage import Location, absolute_local, storage_errors
+from runner.cluster.ray import RunOptions
+from runner.errors import (
+    ClusterError,
+    EngineError,
+    InputError,
+    JobConflictError,
+    JobFailedError,
+    ModelError,
+    RunnerError,
+    SpecError,
+    StorageError,
+    first_line,
+)
+from runner.inputs.units import part_name
+from runner.job import job_status, run_job
+from runner.output.manifest import JobStatus, Manifest
+from runner.output.store import JOB, MANIFEST, OutputStore, list_markers
+from runner.spec.job import JobSpec, load_spec, parse_spec, redact
+from runner.storage.location import Location, absolute_local, storage_errors
 
 if TYPE_CHECKING:
-    from runner.estimate import Estimate  # written alongside; imported where plan runs
+    from runner.estimate.estimate import Estimate  # written alongside; imported where plan runs
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +68,7 @@ def submit(job: JobLike, *, address: str | None = None, overwrite: bool = False,
     (http://HEAD:8265) submits through the Job Submission API, waits for the job, and reads the manifest
     from the output location. Raises the RunnerError subclass the CLI would exit with (JobFailedError when
     the job ran but did not complete; its manifest is then on storage with status "failed")."""
-    from runner.remote import is_dashboard_address
+    from runner.cluster.remote import is_dashboard_address
 
     spec, resolved = load_job(job)
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -67,7 +78,7 @@ def submit(job: JobLike, *, address: str | None = None, overwrite: bool = False,
 
 
 def _submit_remote(job: JobLike, spec: JobSpec, address: str, overwrite: bool, progress: bool) -> Manifest:
-    from runner.remote import RemoteJobs
+    from runner.cluster.remote import RemoteJobs
 
     jobs = RemoteJobs(address)
     sid = jobs.submit(spec, spec_text(job, spec), dict(os.environ), overwrite)
@@ -95,7 +106,7 @@ def spec_text(job: JobLike, spec: JobSpec) -> str:
 def remote_error(info, log_text: str, submission_id: str) -> RunnerError:
     """The error a remote run ended with: the class its exit code stands for, the message its last
     `error:` line gave (else Ray's own); a run that ended otherwise (stopped, crashed) is a ClusterError."""
-    from runner.remote import exit_code
+    from runner.cluster.remote import exit_code
 
     said = [line.removeprefix("error: ") for line in log_text.splitlines() if line.startswith("error: ")]
     message = said[-1] if said else first_line(info.message) or "no message"
@@ -119,7 +130,7 @@ def plan(job: JobLike, *, calibrate: bool = False, address: str | None = None) -
     """The job's estimate, as `runner plan` prints it (runner.estimate.estimate): rows, prompt tokens per pool,
     rows over a pool's context, the most tokens it can generate; with `calibrate`, measured speed, ETA and
     cost."""
-    from runner.estimate import estimate  # the estimator loads only when asked for
+    from runner.estimate.estimate import estimate  # the estimator loads only when asked for
 
     spec, _ = load_job(job)
     return estimate(spec, calibrate=calibrate, address=address)

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from runner.errors import RunnerError, first_line
-from runner.spec import load_spec, parse_spec_text
+from runner.spec.job import load_spec, parse_spec_text
 
 
 def _fail(e: RunnerError) -> None:
@@ -78,7 +78,7 @@ def _address_option(f):
 def plan(job_yaml: str, calibrate: bool, as_json: bool, address: str | None) -> None:
     """Before spending: prompt tokens per pool, rows over context, most tokens generated; with --calibrate,
     rates per replica, the ETA and the cost. Starts no engine without --calibrate."""
-    from runner.estimate import estimate, render
+    from runner.estimate.estimate import estimate, render
 
     spec, _ = load_spec(job_yaml)
     est = estimate(spec, calibrate=calibrate, address=address)
@@ -96,8 +96,9 @@ def plan(job_yaml: str, calibrate: bool, as_json: bool, address: str | None) -> 
 def submit(job_yaml: str | None, address: str | None, overwrite: bool, no_wait: bool, no_dashboard: bool,
            no_progress: bool, spec_from_env: str | None) -> None:
     """Run the job (or resume it: committed units are skipped), here or on a Ray cluster."""
-    from runner.job import RunOptions, run_job
-    from runner.remote import is_dashboard_address
+    from runner.cluster.ray import RunOptions
+    from runner.cluster.remote import is_dashboard_address
+    from runner.job import run_job
 
     if bool(job_yaml) == bool(spec_from_env):
         raise click.UsageError("give JOB_YAML")
@@ -116,7 +117,7 @@ def submit(job_yaml: str | None, address: str | None, overwrite: bool, no_wait: 
 
 
 def _submit_remote(job_yaml: str, spec, address: str, overwrite: bool, no_wait: bool) -> None:
-    from runner.remote import RemoteJobs, exit_code
+    from runner.cluster.remote import RemoteJobs, exit_code
 
     jobs = RemoteJobs(address)
     sid = jobs.submit(spec, Path(job_yaml).read_text(), dict(os.environ), overwrite)
@@ -167,8 +168,8 @@ def status(target: str, address: str | None, as_json: bool) -> None:
 
 def _dashboard(address: str | None, problem: str) -> str:
     """The cluster's dashboard address, or a one-line error saying `problem` and how to give it."""
+    from runner.cluster.remote import is_dashboard_address
     from runner.errors import SpecError
-    from runner.remote import is_dashboard_address
 
     if not is_dashboard_address(address):
         raise SpecError(f"{problem}; give --address http://HEAD:8265 (or RAY_ADDRESS) for a submission id")
@@ -176,7 +177,7 @@ def _dashboard(address: str | None, problem: str) -> str:
 
 
 def _remote_status(sid: str, address: str, as_json: bool) -> None:
-    from runner.remote import RemoteJobs
+    from runner.cluster.remote import RemoteJobs
 
     info = RemoteJobs(address).info(sid)
     if as_json:
@@ -193,7 +194,7 @@ def _remote_status(sid: str, address: str, as_json: bool) -> None:
 @click.option("--follow", is_flag=True, help="Keep printing until the job ends.")
 def logs(submission_id: str, address: str | None, follow: bool) -> None:
     """Print a submitted job's log (driver output, worker lines included)."""
-    from runner.remote import RemoteJobs
+    from runner.cluster.remote import RemoteJobs
 
     jobs = RemoteJobs(_dashboard(address, f"{submission_id}: no Ray cluster to ask"))
     if follow:
@@ -207,7 +208,7 @@ def logs(submission_id: str, address: str | None, follow: bool) -> None:
 @_address_option
 def stop(submission_id: str, address: str | None) -> None:
     """Stop a submitted job; its committed units stay, and submitting it again resumes."""
-    from runner.remote import RemoteJobs
+    from runner.cluster.remote import RemoteJobs
 
     stopped = RemoteJobs(_dashboard(address, f"{submission_id}: no Ray cluster to ask")).stop(submission_id)
     click.echo(f"submission {submission_id}: " + ("stop requested" if stopped else "was not running"))
@@ -218,7 +219,7 @@ def stop(submission_id: str, address: str | None) -> None:
 def report(target: str) -> None:
     """Write _report.html into a job's output location: TARGET is its job.yaml or the OUTPUT_PATH URL
     (credentials from the environment, as fsspec finds them)."""
-    from runner.report import write_report
+    from runner.output.report import write_report
 
     click.echo(write_report(_output_location(target)))
 
@@ -230,8 +231,8 @@ def report(target: str) -> None:
 @click.option("--to", "dest", required=True, help="Directory (any fsspec URL) that receives the files.")
 def export(target: str, fmt: str, dest: str) -> None:
     """Write a job's committed rows in another format: TARGET is its job.yaml or the OUTPUT_PATH URL."""
-    from runner.export import BATCH, ERRORS, OUTPUT, export_openai_batch
-    from runner.storage import Location
+    from runner.output.export import BATCH, ERRORS, OUTPUT, export_openai_batch
+    from runner.storage.location import Location
 
     done = export_openai_batch(_output_location(target), Location.open(dest))
     state = "" if done.job_succeeded else " (the job has not finished: only its committed rows)"

@@ -7,35 +7,28 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from runner.cluster.progress import Timings
+from runner.cluster.ray import RunOptions
 from runner.engines.base import Completion
 from runner.errors import JobFailedError, RunnerError
-from runner.lock import JobLock
-from runner.ledger import Ledger
-from runner.output import OutputStore, UnitStats, summarize
-from runner.planning import Plan, Unit, make_plan
-from runner.progress import Timings
-from runner.report import FAILED_POOL, write_report
-from runner.spec import JobSpec
-from runner.reader import open_reader
-from runner.storage import storage_errors
+from runner.inputs.plan import make_plan
+from runner.inputs.reader import open_reader
+from runner.inputs.units import Plan, Unit
+from runner.output.ledger import Ledger
+from runner.output.lock import JobLock
+from runner.output.report import FAILED_POOL, write_report
+from runner.output.store import OutputStore, UnitStats, summarize
+from runner.spec.job import JobSpec, check_models
+from runner.storage.location import storage_errors
 
 if TYPE_CHECKING:
-    from runner.cluster import RayCluster  # imported where a job runs: `runner validate` needs no Ray
+    from runner.cluster.ray import RayCluster  # imported where a job runs: `runner validate` needs no Ray
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    address: str | None = None  # None: an embedded local Ray
-    overwrite: bool = False
-    dashboard: bool = True
-    progress: bool = True
 
 
 def validate(spec: JobSpec) -> Plan:
@@ -46,22 +39,16 @@ def validate(spec: JobSpec) -> Plan:
     return plan
 
 
-def check_models(spec: JobSpec) -> None:
-    """Each pool's own checks: its model files, its engine settings against the installed engine."""
-    for i, pool in enumerate(spec.workers):
-        pool.check(f"workers[{i}]")
-
-
 def run_job(spec: JobSpec, resolved_spec: dict, options: RunOptions = RunOptions()) -> dict:
     """Run (or resume) the job to the end; returns the manifest. Raises RunnerError subclasses.
     Logs where the run's seconds went (runner.progress.Timings) when it ends."""
-    from runner.cluster import RayCluster, import_ray_meanwhile
+    from runner.cluster.ray import RayCluster, import_ray_meanwhile
 
     started = time.time()
     timings = Timings()
     timings.mark("start")
     if options.address:  # before the run plans and claims its output: a cluster that is not there is the one line
-        from runner.address import check_address
+        from runner.cluster.address import check_address
 
         check_address(options.address)
     plan = validate(spec)
@@ -86,7 +73,7 @@ def _run_locked(spec: JobSpec, resolved_spec: dict, options: RunOptions, plan: P
                 run_id: str, started: float, lock: JobLock, cluster: RayCluster, timings: Timings) -> dict:
     resuming = store.begin(plan, resolved_spec, options.overwrite)
     if plan.new_indexes:
-        from runner.batchfile import keep_indexes
+        from runner.inputs.openai_batch import keep_indexes
 
         keep_indexes(store.loc, plan)
     before = Ledger.resume(store.loc)  # one listing; only markers not yet rolled up are read
@@ -98,7 +85,7 @@ def _run_locked(spec: JobSpec, resolved_spec: dict, options: RunOptions, plan: P
     given_up: list[tuple[Unit, str]] = []
     known: list[UnitStats] = []
     if todo:
-        from runner.cluster import run_on_ray
+        from runner.cluster.ray import run_on_ray
 
         allowed = failed_rows_allowed(spec, plan.total_rows)
         if allowed is not None:  # what earlier runs' committed units already used up

@@ -220,7 +220,7 @@ def write_tiny_gguf(path: str | os.PathLike, config: TinyConfig = TinyConfig()) 
 
 def quantize_gguf(source: str, path: str | os.PathLike, quant: str, remove_source: bool = True) -> str:
     """Quantize a GGUF with llama.cpp's own llama_model_quantize (as its llama-quantize tool does)."""
-    from runner.engines.llamacpp import llama_lib, quiet_logs
+    from runner.engines.llamacpp.lib import llama_lib, quiet_logs
 
     if quant not in LLAMA_QUANTS:
         raise ValueError(f"quant: expected one of {', '.join(LLAMA_QUANTS)}, got {quant}")

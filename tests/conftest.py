@@ -134,7 +134,7 @@ def write_shard(path: str | os.PathLike, prompts: list, ids: list | None = None,
 @pytest.fixture(scope="module")
 def single(tiny_model):
     """A llama.cpp engine decoding one sequence at a time: the reference batched rows are compared with."""
-    from runner.engines.llamacpp import LlamaCppEngine
+    from runner.engines.llamacpp.generate import LlamaCppEngine
 
     engine = LlamaCppEngine(tiny_model, n_ctx=256, parallel=1, prefix_reuse=False)
     yield engine

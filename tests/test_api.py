@@ -6,14 +6,14 @@ import subprocess
 import sys
 
 import pytest
-from ray.job_submission import JobDetails, JobStatus as RayJobStatus, JobType
+from conftest import S3_OPTIONS, write_job, write_shard
+from ray.job_submission import JobDetails, JobType
+from ray.job_submission import JobStatus as RayJobStatus
 
 import runner
 from runner.api import remote_error, spec_text
-from runner.manifest import JobStatus, Manifest, PoolStats, WorkerStats
-from runner.spec import parse_spec
-
-from conftest import S3_OPTIONS, write_job, write_shard
+from runner.output.manifest import JobStatus, Manifest, PoolStats, WorkerStats
+from runner.spec.job import parse_spec
 
 ROWS = {"a.parquet": 10, "b.parquet": 6}  # with unit_rows 4: units of 4, 4, 2 and 4, 2
 UNITS = 5
@@ -38,7 +38,7 @@ def job_dict(tmp_path, out="out", **over) -> dict:
 
 def test_import_runner_loads_no_api_until_asked():
     code = ("import sys, runner; assert 'runner.api' not in sys.modules and 'ray' not in sys.modules; "
-            "runner.submit; assert 'runner.api' in sys.modules; import runner.planning; from runner import plan; "
+            "runner.submit; assert 'runner.api' in sys.modules; import runner.inputs.plan; from runner import plan; "
             "print(plan.__module__, sorted(runner.__all__))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("runner.api ")  # the API function, not a module of that name
@@ -145,7 +145,7 @@ def test_a_dashboard_gets_references_not_resolved_secrets(tmp_path, monkeypatch)
 
 
 def test_plan_returns_the_estimate(tmp_path, inputs):
-    from runner.estimate import Estimate
+    from runner.estimate.estimate import Estimate
 
     estimate = runner.plan(job_dict(tmp_path))  # no engine started: counted with the pool's tokenizer
     assert isinstance(estimate, Estimate) and (estimate.name, estimate.files) == ("api", 2)

@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from conftest import require_vllm, write_job, write_shard
 
 from runner.cli import main
-from runner.job import RunOptions, run_job
-from runner.spec import load_spec
-
-from conftest import require_vllm, write_job, write_shard
+from runner.cluster.ray import RunOptions
+from runner.job import run_job
+from runner.spec.job import load_spec
 
 pytest.importorskip("llama_cpp")
 

@@ -11,10 +11,9 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 from click.testing import CliRunner
+from conftest import write_job, write_shard
 
 from runner.cli import main
-
-from conftest import write_job, write_shard
 
 RUNNER = [sys.executable, "-m", "runner.cli"]
 
@@ -267,10 +266,10 @@ def test_an_address_without_a_ray_cluster_is_one_line_within_seconds(tmp_path, n
 def test_ray_client_auto_and_malformed_addresses_are_one_line(monkeypatch):
     import socket
 
-    from runner import address
-    from runner.errors import ClusterError
-
     from conftest import free_port
+
+    from runner.cluster import address
+    from runner.errors import ClusterError
 
     monkeypatch.setattr(address, "GCS_PROBE_S", 1.0)
     port = free_port()
@@ -296,7 +295,7 @@ def test_a_grpc_server_that_is_not_a_gcs_is_one_line():
 
     import grpc
 
-    from runner.address import check_address
+    from runner.cluster.address import check_address
     from runner.errors import ClusterError
 
     server = grpc.server(ThreadPoolExecutor(1))  # serves nothing: every method is unimplemented
@@ -314,7 +313,7 @@ def test_a_grpc_server_that_is_not_a_gcs_is_one_line():
 def test_a_real_gcs_address_passes_the_check_and_the_job_joins_it(ray_local, tmp_path):
     from conftest import slow_echo_job
 
-    from runner.address import check_address
+    from runner.cluster.address import check_address
 
     gcs = ray_local.get_runtime_context().gcs_address
     started = time.time()

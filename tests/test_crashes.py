@@ -10,13 +10,12 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
-from runner.coordinator import Phase, WorkerInfo
-from runner.crashes import CrashDumpFilter, crash_report, signal_in
-from runner.spec import load_spec, parse_spec
-
 from conftest import slow_echo_job, write_shard
 from test_faults import run_until_commits, source_rows
+
+from runner.schedule.coordinator import Phase, WorkerInfo
+from runner.spec.job import load_spec, parse_spec
+from runner.worker.crashes import CrashDumpFilter, crash_report, signal_in
 
 
 @pytest.mark.parametrize("sig", ["SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE"])
@@ -82,7 +81,7 @@ def test_a_worker_sent_sigsegv_is_reported_by_its_signal_and_its_units_redone(ra
     if len(victims) != 2:
         runner.join(timeout=300)
     assert len(victims) == 2, victims
-    with caplog.at_level("ERROR", logger="runner.cluster"):
+    with caplog.at_level("ERROR", logger="runner.cluster.ray"):
         os.kill(victims[0], signal.SIGSEGV)  # a real signal, to the process itself
         runner.join(timeout=300)
 

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
-from runner.job import RunOptions, run_job
-from runner.spec import load_spec, parse_spec
-
 from conftest import slow_echo_job, vllm_pool, write_shard
+
+from runner.cluster.ray import RunOptions
+from runner.job import run_job
+from runner.spec.job import load_spec, parse_spec
 
 
 def processes(title: bytes) -> list[int]:

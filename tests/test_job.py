@@ -6,12 +6,12 @@ import json
 import pyarrow.dataset as ds
 import pytest
 import yaml
-
-from runner.errors import InputError, JobConflictError, ModelError
-from runner.job import RunOptions, job_status, run_job
-from runner.spec import load_spec, parse_spec
-
 from conftest import S3_OPTIONS, S3_SECRET, vllm_pool, write_job, write_shard
+
+from runner.cluster.ray import RunOptions
+from runner.errors import InputError, JobConflictError, ModelError
+from runner.job import job_status, run_job
+from runner.spec.job import load_spec, parse_spec
 
 pytest.importorskip("llama_cpp")
 
@@ -204,9 +204,9 @@ def test_failed_rows_over_the_limit_fail_the_job_without_success(ray_local, tmp_
 
 
 def test_a_given_up_unit_is_written_as_failed_rows(tmp_path):
+    from runner.inputs.plan import make_plan
     from runner.job import write_failed_unit
-    from runner.output import OutputStore
-    from runner.planning import make_plan
+    from runner.output.store import OutputStore
 
     (tmp_path / "in").mkdir()
     write_shard(tmp_path / "in" / "a.parquet", ["a", "b", "c", "d", "e", "f"], ids=[7, 8, 9, 10, 11, 12])

@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-
-from runner.job import RunOptions, run_job
-from runner.spec import parse_spec
-from runner.structured import arrow_type
-
 from conftest import write_shard
+
+from runner.cluster.ray import RunOptions
+from runner.job import run_job
+from runner.spec.job import parse_spec
+from runner.spec.schema import arrow_type
 
 pytest.importorskip("llama_cpp")
 

@@ -68,7 +68,7 @@ def test_the_hugging_face_directory_holds_exactly_the_ggufs_weights(tmp_path):
 def test_the_hugging_face_tokenizer_splits_text_as_llama_cpp_does(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("llama_cpp")
-    from runner.engines.llamacpp import LlamaCppEngine
+    from runner.engines.llamacpp.generate import LlamaCppEngine
 
     hf = write_tiny_hf(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from runner.spec import Sampling
+from runner.spec.sampling import Sampling
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,7 @@ class Completion:
 
     Engines fill `logprobs` when the row's sampling asks for them, `choices` (every completion, the first
     being `text`) when n > 1, and `embedding` instead of text for task embed. `parsed` is set after
-    decoding, by runner.structured, for a row whose text follows its JSON schema.
+    decoding, by runner.spec.schema, for a row whose text follows its JSON schema.
     """
 
     request_id: int

@@ -10,8 +10,8 @@ from collections import deque
 import numpy as np
 
 from runner.engines.base import Completion, Request
-from runner.pools import EchoPool
-from runner.spec import JobSpec
+from runner.spec.job import JobSpec
+from runner.spec.pools import EchoPool
 
 
 class EchoEngine:

@@ -19,8 +19,9 @@ from typing import Any
 
 from runner.engines.base import Choice, Completion, Request, TokenLogprob
 from runner.errors import EngineError, first_line
-from runner.pools import VLLMPool, check_engine_arg_names
-from runner.spec import JobSpec, Sampling
+from runner.spec.job import JobSpec
+from runner.spec.pools import VLLMPool, check_engine_arg_names
+from runner.spec.sampling import Sampling
 
 log = logging.getLogger(__name__)
 

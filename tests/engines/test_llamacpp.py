@@ -2,11 +2,11 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from runner.engines.base import Request  # noqa: E402
-from runner.engines.llamacpp import LlamaCppEngine  # noqa: E402
-from runner.spec import Sampling  # noqa: E402
-
 from conftest import run_all  # noqa: E402
+
+from runner.engines.base import Request  # noqa: E402
+from runner.engines.llamacpp.generate import LlamaCppEngine  # noqa: E402
+from runner.spec.sampling import Sampling  # noqa: E402
 
 PROMPTS = [
     "Write a short summary of this review: the price was good.",

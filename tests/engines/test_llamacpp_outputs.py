@@ -8,15 +8,16 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from runner.engines.base import Request  # noqa: E402
-from runner.engines.llamacpp import LlamaCppEngine  # noqa: E402
-from runner.engines.llamacpp_embed import LlamaCppEmbedder  # noqa: E402
-from runner.engines.llamacpp_grammar import GrammarTextDecoder, gbnf  # noqa: E402
-from runner.spec import Sampling, parse_spec  # noqa: E402
-from runner.structured import check  # noqa: E402
-from runner.tinymodel import _WORDS  # noqa: E402
-
 from conftest import run_all  # noqa: E402
+
+from runner.engines.base import Request  # noqa: E402
+from runner.engines.constraints import check  # noqa: E402
+from runner.engines.llamacpp.embed import LlamaCppEmbedder  # noqa: E402
+from runner.engines.llamacpp.generate import LlamaCppEngine  # noqa: E402
+from runner.engines.llamacpp.grammar import GrammarTextDecoder, gbnf  # noqa: E402
+from runner.spec.job import parse_spec
+from runner.spec.sampling import Sampling  # noqa: E402
+from runner.tinymodel import _WORDS  # noqa: E402
 
 PROMPTS = [" ".join(_WORDS[i: i + 1 + i % 17]) for i in range(0, 160, 4)]  # 40 prompts of 1..17 words
 

@@ -5,15 +5,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from runner.engines.llamacpp import LlamaCppEngine, use_extra_buffers
-from runner.engines.base import Request
-from runner.hardware import cpu_flags, describe_cpu, has_amx
-from runner.job import RunOptions, run_job
-from runner.spec import Sampling, parse_spec
-from runner.tinymodel import LLAMA_QUANTS, TinyConfig, write_tiny_model
-
 from conftest import run_all, write_shard
+
+from runner.cluster.ray import RunOptions
+from runner.engines.base import Request
+from runner.engines.llamacpp.generate import LlamaCppEngine
+from runner.engines.llamacpp.lib import use_extra_buffers
+from runner.hardware import cpu_flags, describe_cpu, has_amx
+from runner.job import run_job
+from runner.spec.job import parse_spec
+from runner.spec.sampling import Sampling
+from runner.tinymodel import LLAMA_QUANTS, TinyConfig, write_tiny_model
 
 CPUINFO = Path(__file__).parent.parent / "data" / "cpuinfo"
 QUANTS = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS"]
@@ -107,9 +109,10 @@ def test_this_machines_flags_are_read():
 
 def test_the_pool_key_reaches_every_model_load(monkeypatch, quant_models):
     """Generation, embedding and runner plan's vocabulary all load through model_params, with the pool's key."""
-    import runner.engines.llamacpp as generate
-    import runner.engines.llamacpp_embed as embed
-    from runner.tokens import LlamaTokens
+    import runner.engines.llamacpp.embed as embed
+    import runner.engines.llamacpp.generate as generate
+    import runner.engines.llamacpp.lib as lib
+    from runner.estimate.tokens import LlamaTokens
 
     seen, real = [], generate.model_params
 
@@ -119,6 +122,7 @@ def test_the_pool_key_reaches_every_model_load(monkeypatch, quant_models):
 
     monkeypatch.setattr(generate, "model_params", spy)
     monkeypatch.setattr(embed, "model_params", spy)
+    monkeypatch.setattr(lib, "model_params", spy)  # runner plan's vocabulary imports it where it loads
     spec, _ = parse_spec({"name": "k", "input": {"path": "/in.parquet"}, "output": {"path": "/out"}, "task": "embed",
                           "workers": [{"engine": "llamacpp", "model": quant_models["Q4_0"], "extra_buffers": "off"}]},
                          env={})

@@ -16,16 +16,16 @@ from pathlib import Path
 import psutil
 import pyarrow as pa
 import pytest
+from conftest import VLLM_CPU_ARGS, require_vllm, vllm_pool
 
-from runner.batching import END, BatchLoop, UnitWork
-from runner.engines import Request, create_engine
+from runner.engines.build import Request, create_engine
 from runner.engines.vllm import VLLMEngine
 from runner.errors import EngineError
-from runner.planning import Unit
-from runner.rows import Rows
-from runner.spec import Sampling, parse_spec
-
-from conftest import VLLM_CPU_ARGS, require_vllm, vllm_pool
+from runner.inputs.rows import Rows
+from runner.inputs.units import Unit, UnitWork
+from runner.spec.job import parse_spec
+from runner.spec.sampling import Sampling
+from runner.worker.batching import END, BatchLoop
 
 vllm = require_vllm()  # a skip only where no vLLM is installed; a broken one fails
 

@@ -69,12 +69,12 @@ class _Replica:
 
 
 def _main() -> None:
-    """Each case's replica placed with runner.cluster's own options (a multi-GPU one in the first bundle of
+    """Each case's replica placed with runner.cluster.ray's own options (a multi-GPU one in the first bundle of
     replica_group's placement group, holding no GPU itself), one after another."""
     import ray
 
-    from runner.placement import replica_group, replica_options
-    from runner.pools import VLLMPool
+    from runner.cluster.placement import replica_group, replica_options
+    from runner.spec.pools import VLLMPool
 
     ray.init(address="local", num_cpus=2, num_gpus=3, include_dashboard=False, logging_level="ERROR")
     tp = VLLMPool(engine="vllm", model="/models/unused", engine_args={"tensor_parallel_size": 2})

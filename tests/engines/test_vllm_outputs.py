@@ -14,15 +14,22 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from runner.engines import Request, create_engine
-from runner.engines.vllm import (VLLMEngine, _refusal, _require_task, embed_params, structured_outputs,
-                                 structured_outputs_config, token_logprobs)
-from runner.errors import EngineError
-from runner.spec import Sampling, parse_spec
-from runner.structured import check
-
 from conftest import require_vllm, vllm_pool
+
+from runner.engines.build import Request, create_engine
+from runner.engines.constraints import check
+from runner.engines.vllm import (
+    VLLMEngine,
+    _refusal,
+    _require_task,
+    embed_params,
+    structured_outputs,
+    structured_outputs_config,
+    token_logprobs,
+)
+from runner.errors import EngineError
+from runner.spec.job import parse_spec
+from runner.spec.sampling import Sampling
 
 vllm = require_vllm()  # a skip only where no vLLM is installed; a broken one fails
 

@@ -1,0 +1,1 @@
+"""Ray: starting it, placing replicas, supervising workers, remote submission."""

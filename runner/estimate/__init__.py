@@ -1,0 +1,1 @@
+"""Token counts, calibration and ETA for `runner plan`."""

@@ -1,0 +1,1 @@
+"""Input files: listing, planning units, reading rows, one module per format."""

@@ -1,0 +1,1 @@
+"""Where rows land: commit, ledger, lock, manifest, report, export."""

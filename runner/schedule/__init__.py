@@ -1,0 +1,1 @@
+"""The queue of units: leases, attempts, progress."""

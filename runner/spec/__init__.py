@@ -1,0 +1,1 @@
+"""What a job asks for: the validated job.yaml and its parts."""

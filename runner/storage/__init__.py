@@ -1,0 +1,1 @@
+"""Every byte through fsspec URLs: locations, retries, conditional writes."""

@@ -1,0 +1,1 @@
+"""The replica actor and its continuous-batching loop."""
