@@ -128,7 +128,8 @@ def main() -> None:
     for r in rows:
         rate = r.prompts / r.seconds if r.seconds else 0.0
         ratio = f"{rate / base:>8.2f}x" if base else f"{'':>9}"
-        print(f"{r.name:<56} {r.prompts:>7} {r.seconds:>8.2f} {rate:>9.1f} {ratio}" + (f"  ({r.note})" if r.note else ""))
+        note = f"  ({r.note})" if r.note else ""
+        print(f"{r.name:<56} {r.prompts:>7} {r.seconds:>8.2f} {rate:>9.1f} {ratio}{note}")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def main() -> None:
         print(f"{quant:8} {mb:6.0f} {rates['on', 'single']:10.1f} {rates['off', 'single']:11.1f} "
               f"{rates['on', 'single'] / rates['off', 'single']:7.2f} {rates['on', 'batch']:9.1f} "
               f"{rates['off', 'batch']:10.1f} {rates['on', 'batch'] / rates['off', 'batch']:7.2f}  "
-              f"{sum(a == b for a, b in zip(texts['on'], texts['off']))}/{len(prompts)}")
+              f"{sum(a == b for a, b in zip(texts['on'], texts['off'], strict=False))}/{len(prompts)}")
     print("tok/s of generated tokens, best of --repeat; on/off above 1: extra buffers (weight repacking here) are "
           "faster; same text: greedy texts equal with them on and off (a repacked kernel rounds differently)")
 

@@ -161,7 +161,7 @@ def row(name: str, runs: list, base: list[float] | None) -> str:
     line = f"{name:58} {len(rates):4d} {tokens:8d} {seconds:8.2f} {statistics.median(rates):9.1f} " \
            f"{min(rates):8.0f}-{max(rates):<8.0f}"
     if base:
-        ratios = [r / b for r, b in zip(rates, base)]
+        ratios = [r / b for r, b in zip(rates, base, strict=False)]
         line += f" {statistics.median(ratios):6.3f}x ({min(ratios):.2f}-{max(ratios):.2f})"
     return line
 

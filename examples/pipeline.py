@@ -33,7 +33,7 @@ def write_reviews(path: str, rows: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     stars = [rng.randint(1, 5) for _ in range(rows)]
     products = [rng.choice(PRODUCTS) for _ in range(rows)]
-    text = [f"The {p} {OPINIONS[s]}, and {rng.choice(DETAILS)}." for p, s in zip(products, stars)]
+    text = [f"The {p} {OPINIONS[s]}, and {rng.choice(DETAILS)}." for p, s in zip(products, stars, strict=False)]
     pq.write_table(pa.table({"review_id": pa.array(range(rows), pa.int64()), "product": products,
                              "stars": pa.array(stars, pa.int8()), "text": text}), path)
 

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.dataset as ds
 
@@ -29,16 +29,17 @@ from runner.errors import (
 from runner.inputs.units import part_name
 from runner.job import job_status, run_job
 from runner.output.manifest import JobStatus, Manifest
-from runner.output.store import JOB, MANIFEST, OutputStore, list_markers
+from runner.output.store import OutputStore, list_markers
 from runner.spec.job import JobSpec, load_spec, parse_spec, redact
 from runner.storage.location import Location, absolute_local, storage_errors
+from runner.storage.names import JOB, MANIFEST
 
 if TYPE_CHECKING:
     from runner.estimate.estimate import Estimate  # written alongside; imported where plan runs
 
 log = logging.getLogger(__name__)
 
-JobLike = Union[str, os.PathLike, Mapping[str, Any], JobSpec]  # a job.yaml path, its keys as a dict, or a spec
+JobLike = str | os.PathLike | Mapping[str, Any] | JobSpec  # a job.yaml path, its keys as a dict, or a spec
 JOB_SUFFIXES = (".yaml", ".yml")
 # The exit code a remote `runner submit` ended with, back to the error it raised there.
 _BY_EXIT_CODE = {c.exit_code: c for c in (SpecError, InputError, ModelError, StorageError, JobConflictError,
@@ -126,14 +127,16 @@ def status(job: JobLike) -> JobStatus:
     return JobStatus.model_validate(job_status(spec))
 
 
-def plan(job: JobLike, *, calibrate: bool = False, address: str | None = None) -> Estimate:
+def plan(job: JobLike, *, calibrate: bool = False, address: str | None = None,
+         download_tokenizer: bool = False) -> Estimate:
     """The job's estimate, as `runner plan` prints it (runner.estimate.estimate): rows, prompt tokens per pool,
     rows over a pool's context, the most tokens it can generate; with `calibrate`, measured speed, ETA and
-    cost."""
+    cost. A vLLM pool whose model is a Hugging Face id reads its tokenizer from the local Hugging Face cache;
+    `download_tokenizer` fetches only its tokenizer and config files (never weights) when they are not there."""
     from runner.estimate.estimate import estimate  # the estimator loads only when asked for
 
     spec, _ = load_job(job)
-    return estimate(spec, calibrate=calibrate, address=address)
+    return estimate(spec, calibrate=calibrate, address=address, download_tokenizer=download_tokenizer)
 
 
 def read(job_or_output: JobLike, *, storage_options: dict[str, Any] | None = None) -> ds.Dataset:

@@ -49,7 +49,7 @@ def validate(job_yaml: str) -> None:
     plan = validate_job(spec)
     click.echo(f"job {spec.name}: {len(plan.files)} input files, {plan.total_rows} rows, "
                f"{len(plan.units)} units of up to {spec.unit_rows} rows")
-    for i, (name, pool) in enumerate(zip(spec.pool_names(), spec.workers)):
+    for i, (name, pool) in enumerate(zip(spec.pool_names(), spec.workers, strict=True)):
         engine = pool.describe()
         placed = "".join(f", {k}={v:g}" for k, v in pool.resources.items())
         placed += f", accelerator_type={pool.accelerator_type}" if pool.accelerator_type else ""
@@ -75,13 +75,17 @@ def _address_option(f):
 @click.option("--address", default=lambda: os.environ.get("RAY_ADDRESS") or None,
               help="--calibrate on this Ray cluster's GCS address (HEAD:6379). Default: RAY_ADDRESS, else an "
                    "embedded local Ray.")
-def plan(job_yaml: str, calibrate: bool, as_json: bool, address: str | None) -> None:
+@click.option("--download-tokenizer", is_flag=True,
+              help="A vLLM pool whose model is a Hugging Face id and not in the local Hugging Face cache: fetch "
+                   "its tokenizer and config files into that cache (never weights). Without it, runner plan asks "
+                   "no hub for anything.")
+def plan(job_yaml: str, calibrate: bool, as_json: bool, address: str | None, download_tokenizer: bool) -> None:
     """Before spending: prompt tokens per pool, rows over context, most tokens generated; with --calibrate,
     rates per replica, the ETA and the cost. Starts no engine without --calibrate."""
     from runner.estimate.estimate import estimate, render
 
     spec, _ = load_spec(job_yaml)
-    est = estimate(spec, calibrate=calibrate, address=address)
+    est = estimate(spec, calibrate=calibrate, address=address, download_tokenizer=download_tokenizer)
     click.echo(json.dumps(est.model_dump(mode="json"), indent=2) if as_json else render(est))
 
 
@@ -156,7 +160,8 @@ def status(target: str, address: str | None, as_json: bool) -> None:
         return
     state = "succeeded" if s["succeeded"] else "incomplete"
     click.echo(f"job {spec.name}: {state}; units {s['units_done']}/{s['units_total']}, "
-               f"rows {s.get('rows', 0)}/{s['rows_total']} ({s.get('rows_ok', 0)} ok, {s.get('rows_failed', 0)} failed)")
+               f"rows {s.get('rows', 0)}/{s['rows_total']} "
+               f"({s.get('rows_ok', 0)} ok, {s.get('rows_failed', 0)} failed)")
     for pool, p in s["pools"].items():
         reused = f", {p['prompt_tokens_reused']} prompt tokens reused" if p.get("prompt_tokens_reused") else ""
         click.echo(f"  pool {pool}: {p['units']} units, {p['rows']} rows, {p['completion_tokens']} tokens, "

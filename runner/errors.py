@@ -9,6 +9,14 @@ def first_line(e: BaseException | str | None, limit: int = 500) -> str:
     return type(e).__name__ if isinstance(e, BaseException) else ""
 
 
+def key_path(parts, root: str = "") -> str:
+    """Where a value sits, as the messages name it: `workers[0].model`, or `$.items[2]` under root `$`."""
+    out = root
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
 class RunnerError(Exception):
     """Base of every error a user can cause or fix."""
 

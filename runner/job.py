@@ -15,6 +15,7 @@ from runner.cluster.progress import Timings
 from runner.cluster.ray import RunOptions
 from runner.engines.base import Completion
 from runner.errors import JobFailedError, RunnerError
+from runner.inputs.formats import input_format
 from runner.inputs.plan import make_plan
 from runner.inputs.reader import open_reader
 from runner.inputs.units import Plan, Unit
@@ -39,9 +40,18 @@ def validate(spec: JobSpec) -> Plan:
     return plan
 
 
-def run_job(spec: JobSpec, resolved_spec: dict, options: RunOptions = RunOptions()) -> dict:
+DEFAULT_OPTIONS = RunOptions()  # an embedded local Ray, a dashboard and a progress bar
+
+
+def run_job(spec: JobSpec, resolved_spec: dict, options: RunOptions = DEFAULT_OPTIONS) -> dict:
     """Run (or resume) the job to the end; returns the manifest. Raises RunnerError subclasses.
     Logs where the run's seconds went (runner.progress.Timings) when it ends."""
+    # A caller's mistake, not a user's: run_job(spec, RunOptions()) would record the options as the spec.
+    for arg, value, kind in (("spec", spec, JobSpec), ("resolved_spec", resolved_spec, dict),
+                             ("options", options, RunOptions)):
+        if not isinstance(value, kind):
+            raise TypeError(f"run_job: {arg} must be a {kind.__name__}, got {type(value).__name__}; call "
+                            "run_job(spec, resolved, options) with the (spec, resolved) pair that load_spec returns")
     from runner.cluster.ray import RayCluster, import_ray_meanwhile
 
     started = time.time()
@@ -72,10 +82,7 @@ def run_job(spec: JobSpec, resolved_spec: dict, options: RunOptions = RunOptions
 def _run_locked(spec: JobSpec, resolved_spec: dict, options: RunOptions, plan: Plan, store: OutputStore,
                 run_id: str, started: float, lock: JobLock, cluster: RayCluster, timings: Timings) -> dict:
     resuming = store.begin(plan, resolved_spec, options.overwrite)
-    if plan.new_indexes:
-        from runner.inputs.openai_batch import keep_indexes
-
-        keep_indexes(store.loc, plan)
+    input_format(spec).keep(store.loc, plan)
     before = Ledger.resume(store.loc)  # one listing; only markers not yet rolled up are read
     timings.mark("claim")
     done = before.committed_ids
@@ -127,7 +134,7 @@ def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str,
     try:
         inputs = open_reader(spec).read(unit, 0).inputs
     except Exception:  # the input itself may be what fails; keep the rows' positions at least
-        cols = spec.input.copied_columns
+        cols = input_format(spec).copied_columns
         inputs = pa.table({c: pa.nulls(unit.num_rows) for c in cols} or {"_": pa.nulls(unit.num_rows)})
     message = f"unit_failed: after {spec.max_attempts} attempts: {error}"[:2000]
     results = [Completion.failed(i, message) for i in range(unit.num_rows)]
@@ -160,7 +167,7 @@ def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: 
         "tokens_per_s": round(new_tokens / wall, 1) if wall else 0.0,
         **summary, "spec": (store.job_record() or {}).get("spec"),
     }
-    if spec.input.format == "openai_batch":  # as the OpenAI Batch API counts its requests
+    if input_format(spec).request_counts:  # as the OpenAI Batch API counts its requests
         manifest["request_counts"] = {"total": plan.total_rows, "completed": manifest.get("rows_ok", 0),
                                       "failed": manifest.get("rows_failed", 0)}
     failed_limit = exceeds_failed_limit(spec, manifest.get("rows_failed", 0), plan.total_rows)

@@ -60,7 +60,7 @@ class TinyConfig:
         return self.n_embd // self.n_head
 
     @classmethod
-    def wide(cls, **over) -> "TinyConfig":
+    def wide(cls, **over) -> TinyConfig:
         """A shape whose rows are multiples of 256, so K-quants and IQ4_XS quantize every matrix as asked
         (llama.cpp falls back to another type for a narrower row)."""
         return cls(**{"n_embd": 256, "n_head": 4, "n_ff": 512, **over})
@@ -280,7 +280,7 @@ def _hf_tokenizer(tokens: list[str], scores: list[float]):
 
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = []
-    for piece, score in zip(tokens, scores):
+    for piece, score in zip(tokens, scores, strict=False):
         if piece in SPECIALS or piece.startswith("<0x"):
             continue
         merges += [(score, vocab[piece], piece[:i], piece[i:]) for i in range(1, len(piece))

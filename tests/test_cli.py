@@ -95,7 +95,8 @@ def test_subprocess_error_exit_and_stderr(tmp_path, tiny_model, inputs):
     path.write_text(path.read_text().replace("parallel: 4", "parallel: many"))
     proc = subprocess.run(RUNNER + ["submit", str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ['error: ' + f'{path}: workers[0].parallel: expected an integer, got "many"']
+    expected = f'error: {path}: workers[0].parallel: expected an integer, got "many"'
+    assert proc.stderr.strip().splitlines() == [expected]
 
 
 def test_status_before_and_after(tmp_path, tiny_model, inputs, ray_local):

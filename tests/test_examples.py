@@ -29,7 +29,7 @@ def test_pipeline_joins_every_review_to_its_output_and_resumes(tmp_path, tiny_mo
     final = pq.read_table(tmp_path / "work" / "reviews_with_summaries.parquet").to_pylist()
     raw = pq.read_table(tmp_path / "work" / "reviews.parquet").to_pylist()
     assert [r["review_id"] for r in final] == [r["review_id"] for r in raw] == list(range(40))
-    assert all(f["text"] == r["text"] and f["stars"] == r["stars"] for f, r in zip(final, raw))
+    assert all(f["text"] == r["text"] and f["stars"] == r["stars"] for f, r in zip(final, raw, strict=False))
     generated = {r["review_id"]: r["text"] for r in runner.read(str(tmp_path / "work" / "out")).to_table().to_pylist()}
     assert [f["summary"] for f in final] == [generated[i] for i in range(40)]  # joined by id, not by position
     assert all(f["summary"] and f["error"] is None for f in final)

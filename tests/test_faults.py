@@ -95,7 +95,8 @@ def test_a_vllm_replica_killed_by_pid_has_its_units_redone(ray_local, tiny_hf_mo
     rows = 160
     write_shard(tmp_path / "in.parquet", [f"row {i} asks for a long answer" for i in range(rows)])
     spec, resolved = parse_spec({
-        "name": "vllm-faults", "input": {"path": str(tmp_path / "in.parquet")}, "output": {"path": str(tmp_path / "out")},
+        "name": "vllm-faults", "input": {"path": str(tmp_path / "in.parquet")},
+        "output": {"path": str(tmp_path / "out")},
         "sampling": {"max_tokens": 64}, "unit_rows": 4, "prefetch_units": 2,
         "workers": [vllm_pool(tiny_hf_model, engine_args={"max_num_seqs": 2})]}, env={})
     runner, result, victims, at_kill = run_until_commits(spec, resolved, tmp_path / "out", 2, timeout=180)

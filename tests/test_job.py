@@ -331,3 +331,14 @@ def test_a_llamacpp_pool_and_a_vllm_pool_in_one_job(ray_local, tiny_hf_model, tm
     assert m["pools"]["cpu"]["units"] > 0 and m["pools"]["vllm"]["units"] > 0
     assert m["pools"]["cpu"]["units"] + m["pools"]["vllm"]["units"] == m["units_total"] == n // unit
     print(f"units: cpu (llama.cpp) {m['pools']['cpu']['units']}, vllm {m['pools']['vllm']['units']}")
+
+
+def test_run_job_refuses_arguments_of_the_wrong_type(tmp_path):
+    spec, resolved = job(str(tmp_path / "m.gguf"), str(tmp_path / "in"), str(tmp_path / "out"))
+    with pytest.raises(TypeError, match="run_job: resolved_spec must be a dict, got RunOptions"):
+        run_job(spec, RunOptions())  # the options would have been recorded as the resolved spec
+    with pytest.raises(TypeError, match="run_job: spec must be a JobSpec, got dict"):
+        run_job(resolved, resolved, RunOptions())
+    with pytest.raises(TypeError, match="run_job: options must be a RunOptions, got dict"):
+        run_job(spec, resolved, {"progress": False})
+    assert not (tmp_path / "out").exists()

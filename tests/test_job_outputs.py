@@ -25,8 +25,9 @@ REVIEW = {"type": "object",
 WORDS = ["the price was good", "battery died fast", "great screen", "slow delivery", "nice sound", "too small"]
 
 
-def spec_of(raw: dict):
-    return parse_spec(raw, {})[0]
+def job_of(raw: dict):
+    """The spec and its resolved form, as run_job takes them (_job.json records the latter)."""
+    return parse_spec(raw, {})
 
 
 def llama_pool(model: str, **over) -> dict:
@@ -39,13 +40,14 @@ def test_an_extraction_job_writes_a_typed_parsed_column_duckdb_queries(tiny_mode
     overrides = [json.dumps({"choice": ["spam", "ham"]}) if i % 4 == 3 else None for i in range(48)]
     (tmp_path / "in").mkdir()
     write_shard(tmp_path / "in" / "a.parquet", prompts, sampling=overrides)
-    spec = spec_of({
+    spec, resolved = job_of({
         "name": "extract", "input": {"path": str(tmp_path / "in"), "id_column": "id", "sampling_column": "sampling"},
         "output": {"path": str(tmp_path / "out")}, "unit_rows": 12, "workers": [llama_pool(tiny_model)],
         "sampling": {"max_tokens": 96, "response_format": {"type": "json_schema",
                                                            "json_schema": {"name": "review", "schema": REVIEW}}}})
-    manifest = run_job(spec, RunOptions())
+    manifest = run_job(spec, resolved, RunOptions())
     assert manifest["rows"] == 48
+    assert json.loads((tmp_path / "out" / "_job.json").read_text())["spec"] == resolved  # the spec, not a repr
 
     out = str(tmp_path / "out")
     table = ds.dataset(out, format="parquet").to_table()
@@ -79,17 +81,19 @@ def test_an_embedding_job_embeds_every_row_once(tiny_model, ray_local, tmp_path)
         part = range(shard * rows // 4, (shard + 1) * rows // 4)
         write_shard(tmp_path / "in" / f"{shard}.parquet", [prompts[i] for i in part], list(part),
                     row_group_size=500)
-    spec = spec_of({"name": "embed", "task": "embed", "input": {"path": str(tmp_path / "in"), "id_column": "id"},
-                    "output": {"path": str(tmp_path / "out")}, "unit_rows": 500,
-                    "workers": [llama_pool(tiny_model, parallel=32)]})
-    manifest = run_job(spec, RunOptions())
+    spec, resolved = job_of({"name": "embed", "task": "embed",
+                             "input": {"path": str(tmp_path / "in"), "id_column": "id"},
+                             "output": {"path": str(tmp_path / "out")}, "unit_rows": 500,
+                             "workers": [llama_pool(tiny_model, parallel=32)]})
+    manifest = run_job(spec, resolved, RunOptions())
     assert manifest["rows"] == rows and manifest["rows_failed"] == 0
 
     table = ds.dataset(str(tmp_path / "out"), format="parquet").to_table()
     assert table.num_rows == rows and sorted(table.column("id").to_pylist()) == list(range(rows))
     assert set(table.column_names) == {"source_file", "source_row", "id", "embedding", "prompt_tokens", "error"}
     dim = table.schema.field("embedding").type.list_size
-    assert dim > 0 and pq.read_schema(next((tmp_path / "out").glob("*.parquet"))).field("embedding").type.list_size == dim
+    part = next((tmp_path / "out").glob("*.parquet"))
+    assert dim > 0 and pq.read_schema(part).field("embedding").type.list_size == dim
     ids = np.array(table.column("id").to_pylist())
     vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(rows, dim)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
@@ -107,14 +111,14 @@ def test_a_vllm_job_writes_parsed_logprobs_and_choices(tiny_hf_model, ray_local,
     overrides = [json.dumps({"n": 2, "temperature": 0.8, "seed": 7}) if i in (1, 5) else None for i in range(12)]
     write_shard(tmp_path / "in" / "a.parquet", [f"Review {i}: {WORDS[i % len(WORDS)]}." for i in range(12)],
                 sampling=overrides)
-    spec = spec_of({
+    spec, resolved = job_of({
         "name": "vllm-extract", "input": {"path": str(tmp_path / "in"), "id_column": "id",
                                           "sampling_column": "sampling"},
         "output": {"path": str(tmp_path / "out")}, "unit_rows": 6,
         "workers": [vllm_pool(tiny_hf_model, engine_args={"max_model_len": 256})],
         "sampling": {"max_tokens": 96, "logprobs": 2,
                      "response_format": {"type": "json_schema", "json_schema": {"name": "review", "schema": REVIEW}}}})
-    manifest = run_job(spec, RunOptions())
+    manifest = run_job(spec, resolved, RunOptions())
     assert manifest["rows"] == 12
 
     rows = sorted(ds.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist(), key=lambda r: r["id"])

@@ -53,7 +53,7 @@ def check_fits(spec: JobSpec, embedded: bool) -> None:
     import ray
 
     total = ray.cluster_resources()
-    for name, pool in zip(spec.pool_names(), spec.workers):
+    for name, pool in zip(spec.pool_names(), spec.workers, strict=True):
         short = {k: v for k, v in replica_needs(pool).items() if total.get(k, 0) < v}
         if short:
             have = {k: total.get(k, 0) for k in short}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from runner.spec.sampling import Sampling
 
@@ -59,8 +60,32 @@ class Completion:
     parsed: Any = None
 
     @classmethod
-    def failed(cls, request_id: int, error: str, prompt_tokens: int = 0) -> "Completion":
+    def failed(cls, request_id: int, error: str, prompt_tokens: int = 0) -> Completion:
         return cls(request_id, None, None, prompt_tokens, 0, error)
+
+
+class Refused:
+    """Rows an engine refused in `add` (a bad row is that row's error, never the engine's), handed back by its
+    next `step`."""
+
+    def __init__(self):
+        self.rows: list[Completion] = []
+
+    def add(self, request_id: int, error: str, prompt_tokens: int = 0) -> None:
+        self.rows.append(Completion.failed(request_id, error, prompt_tokens))
+
+    def too_long(self, request_id: int, tokens: int, n_ctx: int) -> None:
+        self.add(request_id, f"prompt_too_long: {tokens} tokens, the context holds {n_ctx}", tokens)
+
+    def drop(self, request_id: int) -> None:
+        self.rows = [c for c in self.rows if c.request_id != request_id]
+
+    def take(self) -> list[Completion]:
+        rows, self.rows = self.rows, []
+        return rows
+
+    def __bool__(self) -> bool:
+        return bool(self.rows)
 
 
 @runtime_checkable

@@ -8,8 +8,8 @@ import re
 from functools import lru_cache
 
 from runner.engines.base import Completion
+from runner.errors import key_path
 from runner.spec.sampling import Sampling
-from runner.spec.schema import key_path
 
 
 @lru_cache(maxsize=64)
@@ -34,7 +34,7 @@ def check(completion: Completion, sampling: Sampling) -> Completion:
             return dataclasses.replace(completion, error=f"{kind}: {e}")
         problem = next(iter(_validator(json.dumps(schema, sort_keys=True)).iter_errors(value)), None)
         if problem is not None:
-            where = key_path("$", problem.absolute_path)
+            where = key_path(problem.absolute_path, "$")
             return dataclasses.replace(completion, error=f"json_invalid: {where}: {problem.message[:200]}")
         return dataclasses.replace(completion, parsed=value)
     if sampling.regex is not None and not re.fullmatch(sampling.regex, text):

@@ -34,7 +34,7 @@ class EchoEngine:
         self.queue: deque[Request] = deque()
 
     @classmethod
-    def from_pool(cls, pool: EchoPool, spec: JobSpec) -> "EchoEngine":
+    def from_pool(cls, pool: EchoPool, spec: JobSpec) -> EchoEngine:
         args = pool.engine_args
         return cls(capacity=pool.parallel, step_s=args.step_s, crash_on=args.crash_on, hang_on=args.hang_on,
                    embedding_dim=args.dim if spec.task == "embed" else 0, normalize=spec.embedding.normalize)

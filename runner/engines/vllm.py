@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from runner.engines.base import Choice, Completion, Request, TokenLogprob
+from runner.engines.base import Choice, Completion, Refused, Request, TokenLogprob
 from runner.errors import EngineError, first_line
 from runner.spec.job import JobSpec
 from runner.spec.pools import VLLMPool, check_engine_arg_names
@@ -131,12 +131,12 @@ class VLLMEngine:
         self.closed = False
         self.pooling = pooling
         self.embedding_dim = int(engine.model_config.embedding_size) if pooling is not None else 0
-        self.failed: list[Completion] = []  # rows vLLM refused in add, returned by the next step
+        self.refused = Refused()  # rows vLLM refused in add
         self.running: dict[int, Sampling] = {}  # rows vLLM holds -> their Sampling, read when they finish
         self.params: dict[int, tuple[Sampling, Any]] = {}  # id(Sampling) -> (that Sampling, its SamplingParams)
 
     @classmethod
-    def from_pool(cls, pool: VLLMPool, spec: JobSpec) -> "VLLMEngine":
+    def from_pool(cls, pool: VLLMPool, spec: JobSpec) -> VLLMEngine:
         """Build vLLM's engine from the pool's engine_args, unchanged apart from defaults: no periodic stats
         lines, vLLM's Ray executor when a replica spans several GPUs (its placement group's), the xgrammar
         backend and compact JSON for constrained rows, and for task embed the pooling runner (which turns a
@@ -183,26 +183,26 @@ class VLLMEngine:
             self.engine.add_request(str(request.id), prompt, params, **extra)
             self.running[request.id] = request.sampling
         except _RowError as e:
-            self.failed.append(Completion.failed(request.id, str(e)))
+            self.refused.add(request.id, str(e))
         except self.dead:
             raise
         except Exception as e:  # whatever vLLM refuses in one request is that row's error
             constrained = self.pooling is None and request.sampling.constrained
-            self.failed.append(Completion.failed(request.id, _refusal(e, constrained)))
+            self.refused.add(request.id, _refusal(e, constrained))
 
     def step(self) -> list[Completion]:
-        done, self.failed = self.failed, []
+        done = self.refused.take()
         if self.engine.has_unfinished_requests():
             done.extend(self._completion(out) for out in self.engine.step() if out.finished)
         return done
 
     def abort(self, request_id: int) -> None:
-        self.failed = [c for c in self.failed if c.request_id != request_id]
+        self.refused.drop(request_id)
         self.running.pop(request_id, None)
         self.engine.abort_request([str(request_id)])  # an aborted request (all its n completions) yields no output
 
     def has_unfinished(self) -> bool:
-        return bool(self.failed) or self.engine.has_unfinished_requests()
+        return bool(self.refused) or self.engine.has_unfinished_requests()
 
     def close(self) -> None:
         """Stops vLLM's engine core and its workers (LLMEngine has no shutdown() of its own); once."""
@@ -314,7 +314,7 @@ def token_logprobs(result, k: int) -> list[TokenLogprob]:
     when it ranks below them. vLLM's default logprobs_mode, raw_logprobs, gives the model's own distribution
     (before temperature, penalties and top-k/p), after the mask of a row's constraint."""
     steps = []
-    for token_id, step in zip(result.token_ids, result.logprobs):
+    for token_id, step in zip(result.token_ids, result.logprobs, strict=False):
         chosen = step[token_id]
         top = sorted(step.values(), key=lambda p: p.rank)[:k]
         steps.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob,

@@ -96,10 +96,12 @@ class Sample:
         return len(self.prompts)
 
 
-def estimate(spec: JobSpec, calibrate: bool = False, address: str | None = None) -> Estimate:
+def estimate(spec: JobSpec, calibrate: bool = False, address: str | None = None,
+             download_tokenizer: bool = False) -> Estimate:
     """The job's size from a sample of its rows through each pool's tokenizer (no engine started); with
     `calibrate`, one replica per pool also runs a few units' rows on Ray (at `address`, a GCS address, or
-    an embedded Ray) and the answer carries the job's ETA and cost."""
+    an embedded Ray) and the answer carries the job's ETA and cost. A vLLM pool's Hugging Face id is read
+    from the local Hugging Face cache; `download_tokenizer` fetches its tokenizer and config files there."""
     started = time.time()
     plan = make_plan(spec)
     if calibrate:  # the job's own checks before it starts take its time too (importing vLLM, for one)
@@ -109,7 +111,7 @@ def estimate(spec: JobSpec, calibrate: bool = False, address: str | None = None)
     plan_s = time.time() - started
     sample = read_sample(spec, plan)
     scale = plan.total_rows / sample.rows if sample.rows else 1.0
-    pools = [pool_estimate(spec, i, sample, scale) for i in range(len(spec.workers))]
+    pools = [pool_estimate(spec, i, sample, scale, download_tokenizer) for i in range(len(spec.workers))]
     generated = 0 if spec.task == "embed" else sum(s.max_tokens * s.n for s in sample.samplings)
     est = Estimate(name=spec.name, task=spec.task, files=len(plan.files), units=len(plan.units),
                    rows=plan.total_rows, exact=sample.rows == plan.total_rows, rows_sampled=sample.rows,
@@ -143,15 +145,16 @@ def read_sample(spec: JobSpec, plan: Plan) -> Sample:
 # -- prompt tokens, per pool ----------------------------------------------------------------------------
 
 
-def pool_estimate(spec: JobSpec, index: int, sample: Sample, scale: float) -> PoolEstimate:
+def pool_estimate(spec: JobSpec, index: int, sample: Sample, scale: float,
+                  download_tokenizer: bool = False) -> PoolEstimate:
     """Count the sample's prompt tokens with the pool's own tokenizer; scale counts to the whole job."""
     pool, name = spec.workers[index], spec.pool_names()[index]
-    tokens = open_tokens(pool, name)
+    tokens = open_tokens(pool, name, download_tokenizer)
     try:
         counts = [tokens.count(p) for p in sample.prompts]
     finally:
         tokens.close()
-    fits = [(c, s) for c, s in zip(counts, sample.samplings) if c is not None]
+    fits = [(c, s) for c, s in zip(counts, sample.samplings, strict=False) if c is not None]
     ctx, generating = tokens.context, spec.task == "generate"
     too_long = [c for c, _ in fits if ctx is not None and c + generating > ctx]
     output_over = [c for c, s in fits if ctx is not None and generating and c < ctx < c + s.max_tokens]
@@ -163,7 +166,8 @@ def pool_estimate(spec: JobSpec, index: int, sample: Sample, scale: float) -> Po
         cost_per_hour=pool.cost_per_hour, context=ctx, context_from=tokens.context_from,
         prompt_tokens=TokenCount(total=round(sum(prompt) * scale), mean=round(sum(prompt) / len(prompt), 2)
                                  if prompt else 0.0, max=max(prompt, default=0)),
-        rows_unrenderable=round((len(counts) - len(fits)) * scale), rows_prompt_over_context=round(len(too_long) * scale),
+        rows_unrenderable=round((len(counts) - len(fits)) * scale),
+        rows_prompt_over_context=round(len(too_long) * scale),
         rows_output_over_context=round(len(output_over) * scale), max_generated_tokens=round(generated * scale))
 
 
@@ -180,14 +184,14 @@ def with_calibration(spec: JobSpec, est: Estimate, sample: Sample, units: tuple[
         raise SpecError(f"--address {address}: runner plan --calibrate joins a cluster by its GCS address "
                         "(HEAD:6379), not its dashboard")
     cals, ray_start_s = calibrate_pools(spec, sample.works, units, address)
-    pools = [p.model_copy(update={"calibration": c}) for p, c in zip(est.pools, cals)]
+    pools = [p.model_copy(update={"calibration": c}) for p, c in zip(est.pools, cals, strict=False)]
     return est.model_copy(update={"pools": pools, "eta": job_eta(spec, est.rows, cals, plan_s, ray_start_s)})
 
 
 def job_eta(spec: JobSpec, rows: int, cals: list[Calibration], plan_s: float, ray_start_s: float) -> Eta:
     """Every pool takes rows from one queue: the job's rate is the sum of replicas x rows/s; its replicas
     start together, so the slowest start counts."""
-    rate = sum(p.replicas * c.rows_per_s for p, c in zip(spec.workers, cals))
+    rate = sum(p.replicas * c.rows_per_s for p, c in zip(spec.workers, cals, strict=False))
     generate_s = rows / rate if rows and rate else 0.0
     start = max(c.replica_start_s for c in cals)
     total = plan_s + ray_start_s + start + generate_s + FINISH_S
@@ -237,4 +241,4 @@ def _eta_line(est: Estimate) -> str:
 
 def _table(head: list[str], body: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head, *body]]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in [head, *body]]

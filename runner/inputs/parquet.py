@@ -1,15 +1,37 @@
-"""Parquet inputs: footers, column checks, and units cut along row groups."""
+"""Parquet inputs: footers, column checks, units cut along row groups, and a unit's row groups read."""
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from runner.errors import InputError
-from runner.inputs.listing import _footer, reading, size_and_version
-from runner.inputs.units import InputFile, Unit, new_unit
+from runner.inputs.base import InputFormat
+from runner.inputs.listing import _footer, list_inputs, reading, size_and_version
+from runner.inputs.rows import read_rows
+from runner.inputs.units import InputFile, Plan, Unit, UnitWork, new_unit
 from runner.spec.job import JobSpec
+from runner.storage.location import retrying
+
+
+class ParquetFormat(InputFormat):
+    """parquet: rows from the columns the job names; planned from the files' footers alone."""
+
+    def plan(self) -> Plan:
+        spec = self.spec
+        listed = list_inputs(spec.input.path, spec.input.storage_options, suffix=self.suffix)
+        with ThreadPoolExecutor(max_workers=min(16, len(listed))) as pool:
+            inspected = list(pool.map(lambda item: inspect_file(spec, *item), listed))
+        _check_same_types(self.copied_columns, inspected)
+        files = [f for f, _ in inspected]
+        units = [u for i, f in enumerate(files) for u in cut_units(i, f, spec.unit_rows)]
+        return Plan(tuple(files), tuple(units))
+
+    def reader(self) -> RowGroupReader:
+        return RowGroupReader(self.spec)
 
 
 def read_footer(url: str, storage_options: dict) -> pq.FileMetaData:
@@ -59,9 +81,8 @@ def _is_messages(t: pa.DataType) -> bool:
     return {"role", "content"} <= names
 
 
-def _check_same_types(spec: JobSpec, inspected: list[tuple[InputFile, pa.Schema]]) -> None:
+def _check_same_types(cols: list[str], inspected: list[tuple[InputFile, pa.Schema]]) -> None:
     """Copied columns must have one type across shards, or the output parts would not read as one dataset."""
-    cols = spec.input.copied_columns
     first_file, first_schema = inspected[0]
     for f, schema in inspected[1:]:
         for c in cols:
@@ -96,3 +117,33 @@ def cut_units(file_index: int, f: InputFile, unit_rows: int) -> list[Unit]:
         start += n
     flush()
     return units
+
+
+class RowGroupReader:
+    """Reads a unit's row groups (those the plan named, nothing else); keeps the last row group so slices of a
+    large one are read once."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        inp = spec.input
+        wanted = [inp.row_column, inp.sampling_column, inp.id_column, *inp.columns]
+        self.columns = list(dict.fromkeys(c for c in wanted if c))
+        self.cached: tuple[tuple, pa.Table] | None = None
+
+    @retrying
+    def _read(self, url: str, groups: tuple[int, ...]) -> pa.Table:
+        key = (url, groups)
+        if self.cached and self.cached[0] == key:
+            return self.cached[1]
+        fs, path = url_to_fs(url, **self.spec.input.storage_options)
+        with fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read_row_groups(list(groups), columns=self.columns)
+        self.cached = (key, table)
+        return table
+
+    def read(self, unit: Unit, attempt: int) -> UnitWork:
+        try:
+            table = self._read(unit.source_file, unit.row_groups).slice(unit.skip, unit.num_rows)
+        except (pa.ArrowInvalid, FileNotFoundError) as e:
+            raise InputError(f"{unit.source_file}: cannot read rows {unit.row_start}+{unit.num_rows} ({e})") from e
+        return UnitWork(unit, attempt, table, read_rows(table, self.spec))

@@ -13,10 +13,9 @@ import pyarrow as pa
 from pydantic import ValidationError
 
 from runner.spec.job import JobSpec, describe_error
-from runner.spec.sampling import Sampling
+from runner.spec.sampling import CONSTRAINT_KEYS, Sampling
 
 Messages = list[dict]
-CONSTRAINTS = {"response_format", "regex", "choice", "grammar"}
 
 
 @dataclass
@@ -66,8 +65,14 @@ def decode_prompts(column: pa.ChunkedArray, bad: dict[int, str]) -> list[str | N
 
 def decode_messages(column: pa.ChunkedArray, bad: dict[int, str]) -> list[Messages | None]:
     """A list<struct<role, content>> column, or JSON text of the same shape."""
+    return messages_of(column.to_pylist(), bad)
+
+
+def messages_of(values: list, bad: dict[int, str]) -> list[Messages | None]:
+    """Each value a list of {role, content}, JSON text of one, or None; anything else is its row's
+    `bad_messages` (and an empty list)."""
     out: list[Messages | None] = []
-    for i, v in enumerate(column.to_pylist()):
+    for i, v in enumerate(values):
         if isinstance(v, str):
             try:
                 v = json.loads(v)
@@ -137,8 +142,8 @@ def _override(base: Sampling, v) -> Sampling | str:
     if not isinstance(v, dict):
         return f"expected an object of sampling keys, got {json.dumps(v, default=str)[:60]}"
     merged = base.model_dump()
-    if CONSTRAINTS & v.keys():  # a row's own constraint replaces the job's, whichever kind it is
-        merged = {k: x for k, x in merged.items() if k not in CONSTRAINTS}
+    if set(CONSTRAINT_KEYS) & v.keys():  # a row's own constraint replaces the job's, whichever kind it is
+        merged = {k: x for k, x in merged.items() if k not in CONSTRAINT_KEYS}
     try:
         return Sampling.model_validate({**merged, **v})
     except ValidationError as e:

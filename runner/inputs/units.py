@@ -44,6 +44,7 @@ class Unit:
     skip: int  # rows of the first row group before row_start
     byte_range: tuple[int, int] | None = None  # a JSONL file's lines: [start, end) bytes instead of row groups
     repeats: tuple[tuple[int, str], ...] = ()  # JSONL rows whose custom_id an earlier line has: (row, where)
+    column_types: tuple[tuple[str, str], ...] = ()  # JSONL copied columns: (name, its type across the input)
 
     @property
     def data_name(self) -> str:
@@ -59,8 +60,8 @@ def part_name(unit_id: str) -> str:
 class Plan:
     files: tuple[InputFile, ...]
     units: tuple[Unit, ...]
-    # JSONL request files indexed by this planning (url -> runner.batchfile.LineIndex), which the driver keeps
-    # in the output location so that a resume plans from there instead of reading the files again
+    # JSONL files indexed by this planning (url -> runner.inputs.lines.LineIndex), which the driver keeps in
+    # the output location so that a resume plans from there instead of reading the files again
     new_indexes: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -128,7 +129,7 @@ def _changes(was: dict, now: dict) -> list[str]:
 def new_unit(file_index: int, url: str, row_start: int, n: int, groups: tuple[int, ...] = (), skip: int = 0,
              **lines) -> Unit:
     """A unit named by its file's index and first row: the same rows get the same id in every run.
-    `lines`: a JSONL file's byte_range and repeats (runner.inputs.openai_batch)."""
+    `lines`: a JSONL file's byte_range, repeats and column_types (runner.inputs.lines)."""
     return Unit(f"part-{file_index:05d}-{row_start:010d}", url, row_start, n, groups, skip, **lines)
 
 

@@ -19,13 +19,15 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from runner.errors import InputError, first_line
+from runner.inputs.formats import input_format
 from runner.inputs.openai_batch import CHAT, COMPLETIONS, EMBEDDINGS
 from runner.inputs.units import part_name
 from runner.output.ledger import Ledger
-from runner.output.store import JOB, MANIFEST, SUCCESS, UnitStats
+from runner.output.store import UnitStats
 from runner.spec.job import JobSpec
 from runner.spec.pools import PoolBase
 from runner.storage.location import Location, retrying, storage_errors
+from runner.storage.names import JOB, MANIFEST, SUCCESS
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +100,20 @@ class JobView:
         except (KeyError, TypeError, ValidationError) as e:
             raise InputError(f"{where}/{JOB}: not a job spec runner can read ({first_line(e)})") from None
         self.name, self.fingerprint, self.rows = spec.name, record.get("fingerprint", ""), record.get("rows", 0)
-        self.id_column = spec.input.id_column if spec.input.format == "parquet" else None
+        fmt = input_format(spec)
+        self.id_column, self.endpoint_column = fmt.id_column, fmt.endpoint_column
         self.default_url = (EMBEDDINGS if spec.task == "embed" else CHAT if spec.input.messages_column
                             else COMPLETIONS)
-        self.models = {name: _model_name(pool) for name, pool in zip(spec.pool_names(), spec.workers)}
+        self.models = {name: _model_name(pool) for name, pool in zip(spec.pool_names(), spec.workers, strict=True)}
 
-    def request_of(self, row: dict) -> tuple[str, str]:
-        """(custom_id, url) of an output row: the line's own for an OpenAI batch job; else the id column
-        (or the source row) and the url the job's input stands for."""
-        if "custom_id" in row:
-            return row["custom_id"], row.get("url") or self.default_url
+    def request_of(self, row: dict) -> tuple[str | None, str]:
+        """(custom_id, url) of an output row: its input format's id column (an OpenAI batch line's custom_id),
+        else its file and row; the url its endpoint column holds, else the one the job's task stands for."""
+        url = (row.get(self.endpoint_column) if self.endpoint_column else None) or self.default_url
         if self.id_column:
-            return str(row[self.id_column]), self.default_url
-        return f"{posixpath.basename(row['source_file'])}:{row['source_row']}", self.default_url
+            value = row[self.id_column]
+            return (None if value is None else str(value)), url
+        return f"{posixpath.basename(row['source_file'])}:{row['source_row']}", url
 
     def _hash(self, row: dict, salt: str) -> str:
         key = f"{self.fingerprint}:{salt}:{row['source_file']}:{row['source_row']}"

@@ -10,11 +10,11 @@ import pyarrow as pa
 
 from runner.output.store import UnitStats, list_markers, read_markers, summarize
 from runner.storage.location import Location, storage_errors
+from runner.storage.names import LEDGER
 
 log = logging.getLogger(__name__)
 
 # Arrow IPC, not Parquet: readers globbing the output's `*.parquet` (DuckDB, polars) must not pick it up.
-LEDGER = "_ledger.arrow"
 ROLL_AFTER = 1000  # a resuming driver rolls the summary when it had to read more markers than this
 
 _TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(),
@@ -96,7 +96,7 @@ def read_summary(loc: Location) -> dict[str, UnitStats]:
     try:
         table = table.select(SCHEMA.names).cast(SCHEMA)
         cols = [table.column(f.name).to_pylist() for f in SCHEMA]
-        stats = [UnitStats(**dict(zip(SCHEMA.names, values))) for values in zip(*cols)]
+        stats = [UnitStats(**dict(zip(SCHEMA.names, values, strict=False))) for values in zip(*cols, strict=False)]
     except (pa.ArrowException, OSError, KeyError, TypeError, ValueError) as e:
         log.warning("%s: unreadable (%s); rebuilding it from the commit markers", loc.url_of(LEDGER), e)
         return {}

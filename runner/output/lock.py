@@ -26,10 +26,10 @@ import time
 
 from runner.errors import JobConflictError, RunnerError, first_line
 from runner.storage.location import Location, storage_errors
+from runner.storage.names import LOCK
 
 log = logging.getLogger(__name__)
 
-LOCK = "_lock.json"
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
 SETTLE_S = 0.5
@@ -66,7 +66,7 @@ class JobLock:
         self.written = 0.0  # when this run last wrote the lock
         self.thread: threading.Thread | None = None
 
-    def __enter__(self) -> "JobLock":
+    def __enter__(self) -> JobLock:
         self.acquire()
         return self
 

@@ -10,10 +10,10 @@ import jinja2
 
 from runner.errors import StorageError
 from runner.output.ledger import Ledger
-from runner.output.store import JOB, MANIFEST, UnitStats
+from runner.output.store import UnitStats
 from runner.storage.location import Location, storage_errors
+from runner.storage.names import JOB, MANIFEST, REPORT
 
-REPORT = "_report.html"
 FAILED_POOL = "-"  # units whose every attempt failed, written by the driver
 BINS = 60
 GAP_SHARE = 0.1  # an idle gap between runs longer than this share of busy time is cut out of the chart

@@ -12,15 +12,11 @@ import pyarrow as pa
 
 from runner.engines.base import Completion
 from runner.errors import EngineError, JobConflictError
+from runner.inputs.formats import input_format
 from runner.inputs.units import Plan, Unit
-from runner.output.lock import LOCK
 from runner.spec.job import JobSpec
 from runner.storage.location import Location, storage_errors
-
-JOB = "_job.json"
-COMMITS = "_commits"
-MANIFEST = "_manifest.json"
-SUCCESS = "_SUCCESS"
+from runner.storage.names import COMMITS, JOB, LOCK, MANIFEST, SUCCESS
 
 
 @dataclass
@@ -60,7 +56,7 @@ def output_table(spec: JobSpec, unit: Unit, inputs: pa.Table, results: list[Comp
         "source_file": pa.array([unit.source_file] * unit.num_rows, pa.string()),
         "source_row": pa.array(np.arange(unit.row_start, unit.row_start + unit.num_rows, dtype=np.int64)),
     }
-    for name in spec.input.copied_columns:
+    for name in input_format(spec).copied_columns:
         if name not in cols:
             cols[name] = inputs.column(name)
     if spec.task == "embed":
@@ -86,9 +82,8 @@ CHOICES = pa.list_(pa.struct([("text", pa.string()), ("finish_reason", pa.string
 
 def extra_columns(spec: JobSpec, results: list[Completion]) -> dict[str, pa.Array]:
     """`parsed` when the job's sampling has a JSON schema; `logprobs` and `choices` when the job's sampling
-    asks for them, or when rows may ask (sampling_column, an OpenAI batch line's body): then null where a row
-    did not."""
-    s, per_row = spec.sampling, spec.input.sampling_column is not None or spec.input.format == "openai_batch"
+    asks for them, or when rows may ask (the input format's per_row_sampling): then null where a row did not."""
+    s, per_row = spec.sampling, input_format(spec).per_row_sampling
     cols: dict[str, pa.Array] = {}
     if s.response_format is not None and s.response_format.json_schema is not None:
         from runner.spec.schema import arrow_type, parsed_column
@@ -272,5 +267,6 @@ def _rate(ms: list[UnitStats], run_id: str | None) -> dict:
     mine = [m for m in ms if run_id is None or m.run_id == run_id] or ms
     span = max(m.finished_at for m in mine) - min(m.started_at for m in mine) if mine else 0.0
     toks = sum(m.completion_tokens for m in mine)
-    return {"units": len(ms), "rows": sum(m.rows for m in ms), "completion_tokens": sum(m.completion_tokens for m in ms),
+    return {"units": len(ms), "rows": sum(m.rows for m in ms),
+            "completion_tokens": sum(m.completion_tokens for m in ms),
             "tokens_per_s": round(toks / span, 1) if span > 0 else 0.0, "nodes": sorted({m.node for m in ms if m.node})}

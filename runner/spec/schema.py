@@ -12,6 +12,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from runner.errors import key_path
+
 _SCALARS = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
 
 
@@ -27,7 +29,7 @@ def check_schema(schema: dict) -> None:
     try:
         Draft202012Validator.check_schema(schema)
     except InvalidSchema as e:
-        where = key_path("$", e.path)
+        where = key_path(e.path, "$")
         raise ValueError(f"{where}: not a valid JSON schema ({e.message})") from None
     arrow_type(schema)
 
@@ -70,8 +72,8 @@ def _type(node: Any, root: dict, where: str, seen: tuple) -> pa.DataType:
     if not props:
         raise SchemaError(f"{where}: an object without properties has no fixed columns; list its properties")
     required = set(node.get("required") or ())
-    return pa.struct([pa.field(name, _type(sub, root, f"{where}.properties.{name}", seen), nullable=name not in required)
-                      for name, sub in props.items()])
+    return pa.struct([pa.field(name, _type(sub, root, f"{where}.properties.{name}", seen),
+                               nullable=name not in required) for name, sub in props.items()])
 
 
 def _kind(node: dict, where: str) -> str:
@@ -120,13 +122,6 @@ def _resolve(root: dict, ref: str, where: str) -> Any:
             raise SchemaError(f"{where}.$ref: {ref} names nothing in the schema")
         node = node[part]
     return node
-
-
-def key_path(root: str, parts) -> str:
-    out = root
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else f".{p}"
-    return out
 
 
 def parsed_column(values: list[Any], type_: pa.DataType) -> pa.Array:

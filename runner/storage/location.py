@@ -119,7 +119,7 @@ class Location:
         self.writes = conditional_writes(self.fs)
 
     @classmethod
-    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> "Location":
+    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> Location:
         try:
             fs, root = url_to_fs(url, **(storage_options or {}))
         except (ImportError, ValueError, TypeError) as e:
@@ -266,10 +266,17 @@ def prime_parquet() -> None:
     pq.ParquetFile(pa.BufferReader(buf.getvalue())).read_row_groups([0])
 
 
-def fetch_to_cache(url: str, storage_options: dict, cache_dir: str) -> str:
-    """A local path for `url`: itself when local, else one download per node into `cache_dir`."""
+def model_cache() -> str:
+    """Where a node keeps the models it fetched: $RUNNER_CACHE, else ~/.cache/runner/models."""
+    return os.environ.get("RUNNER_CACHE", os.path.expanduser("~/.cache/runner/models"))
+
+
+def fetch_to_cache(url: str, storage_options: dict, cache_dir: str | None = None) -> str:
+    """A local path for `url`: itself when local, else one download per node into `cache_dir` (model_cache())."""
     import fcntl
     import hashlib
+
+    cache_dir = cache_dir or model_cache()
 
     fs, path = url_to_fs(url, **storage_options)
     if is_local(fs):

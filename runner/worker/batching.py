@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from runner.engines.base import Completion, Engine, Request
 from runner.engines.constraints import check
@@ -19,7 +20,7 @@ END = object()  # the feed has no more units
 
 
 class Feed(Protocol):
-    def get(self, block: bool) -> "UnitWork | object | None": ...
+    def get(self, block: bool) -> UnitWork | object | None: ...
 
 
 class BatchLoop:
@@ -59,7 +60,7 @@ class BatchLoop:
         work.started_at = time.time()
         rows, owners, add, ids = work.rows, self.owners, self.engine.add, self.ids  # per row: kept local
         samplings = rows.samplings or itertools.repeat(self.sampling)
-        for row, (prompt, sampling) in enumerate(zip(rows.prompts, samplings)):
+        for row, (prompt, sampling) in enumerate(zip(rows.prompts, samplings, strict=False)):
             error = (rows.bad and rows.bad.get(row)) or row_error(prompt)
             if error:
                 self._settle(work, row, Completion.failed(-1, error))

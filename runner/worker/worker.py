@@ -133,7 +133,7 @@ class UnitFeed:
                 wait = min(2 * wait, WAIT_S[1])
                 continue
             wait = WAIT_S[0]
-            for unit, attempt in zip(lease.units, lease.attempts):
+            for unit, attempt in zip(lease.units, lease.attempts, strict=False):
                 self.worker.hold(unit.id, attempt)
                 try:
                     self.ready.put(self.reader.read(unit, attempt))

@@ -109,20 +109,17 @@ def test_this_machines_flags_are_read():
 
 def test_the_pool_key_reaches_every_model_load(monkeypatch, quant_models):
     """Generation, embedding and runner plan's vocabulary all load through model_params, with the pool's key."""
-    import runner.engines.llamacpp.embed as embed
     import runner.engines.llamacpp.generate as generate
     import runner.engines.llamacpp.lib as lib
     from runner.estimate.tokens import LlamaTokens
 
-    seen, real = [], generate.model_params
+    seen, real = [], lib.model_params
 
     def spy(ll, extra_buffers="auto", vocab_only=False):
         seen.append((extra_buffers, vocab_only))
         return real(ll, extra_buffers, vocab_only)
 
-    monkeypatch.setattr(generate, "model_params", spy)
-    monkeypatch.setattr(embed, "model_params", spy)
-    monkeypatch.setattr(lib, "model_params", spy)  # runner plan's vocabulary imports it where it loads
+    monkeypatch.setattr(lib, "model_params", spy)  # every load goes through lib.load_model
     spec, _ = parse_spec({"name": "k", "input": {"path": "/in.parquet"}, "output": {"path": "/out"}, "task": "embed",
                           "workers": [{"engine": "llamacpp", "model": quant_models["Q4_0"], "extra_buffers": "off"}]},
                          env={})

@@ -43,7 +43,10 @@ class ListFeed:
         return self.works.pop(0) if self.works else END
 
 
-def run_units(engine, units: list[list], sampling=Sampling(max_tokens=16), samplings=None) -> list:
+SIXTEEN = Sampling(max_tokens=16)
+
+
+def run_units(engine, units: list[list], sampling=SIXTEEN, samplings=None) -> list:
     """Rows through the batching loop in units; the completions in row order."""
     works = []
     for i, rows in enumerate(units):

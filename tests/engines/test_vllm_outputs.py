@@ -171,9 +171,9 @@ def test_constrained_rows_of_different_kinds_in_one_batch_keep_their_shape(engin
             enumerate((p, c, t) for t in (0.0, 1.0) for c in CONSTRAINTS for p in PROMPTS[:2])]
     out = generate(engine, rows)
     assert all(c.error is None and c.finish_reason in ("stop", "length") for c in out)
-    assert all(c.finish_reason == "stop" for c, (_, s) in zip(out, rows) if s.response_format is not None
+    assert all(c.finish_reason == "stop" for c, (_, s) in zip(out, rows, strict=False) if s.response_format is not None
                and (s.response_format.type == "json_schema" or s.temperature == 0))
-    stopped = [(c, s) for c, (_, s) in zip(out, rows) if c.finish_reason == "stop"]
+    stopped = [(c, s) for c, (_, s) in zip(out, rows, strict=False) if c.finish_reason == "stop"]
     assert len(stopped) >= len(rows) // 2
     for c, s in stopped:
         checked = check(c, s)
@@ -184,7 +184,7 @@ def test_constrained_rows_of_different_kinds_in_one_batch_keep_their_shape(engin
             assert isinstance(checked.parsed, dict) and set(checked.parsed) >= set(s.json_schema["required"])
         elif s.response_format is not None:
             assert isinstance(json.loads(c.text), dict)
-    for c, (_, s) in zip(out, rows):
+    for c, (_, s) in zip(out, rows, strict=False):
         if s.choice is not None:
             assert c.text in s.choice  # a choice is a few tokens long: it always ends well before max_tokens
         if s.regex is not None and c.finish_reason == "stop":
@@ -209,17 +209,18 @@ def test_json_rows_finish_as_compact_json_as_they_do_on_llamacpp(engine):
     out = generate(engine, rows, first_id=900)
     ran_out = [c.text for c in out if c.finish_reason != "stop"]
     assert not ran_out, f"{len(rows) - len(ran_out)}/{len(rows)} JSON rows finished; ran out: {ran_out}"
-    for c, (_, s) in zip(out, rows):
+    for c, (_, s) in zip(out, rows, strict=False):
         checked = check(c, s)
         assert checked.parsed is not None or unescaped_control_character(c, s), (c.text, checked.error)
         if s.json_schema == LABEL:  # compact: exactly what json.dumps writes without spaces
             assert c.text == json.dumps(checked.parsed, separators=(",", ":"))
     # xgrammar's bug spares most SCORE rows (8 of these 12 parse)
-    assert sum(not unescaped_control_character(c, s) for c, (_, s) in zip(out, rows) if s.json_schema == SCORE) > 6
+    scores = [(c, s) for c, (_, s) in zip(out, rows, strict=True) if s.json_schema == SCORE]
+    assert sum(not unescaped_control_character(c, s) for c, s in scores) > 6
 
 
 def test_greedy_constrained_rows_batched_equal_the_rows_alone(engine):
-    rows = [(p, sampling(**c)) for p, c in zip(PROMPTS, CONSTRAINTS)]
+    rows = [(p, sampling(**c)) for p, c in zip(PROMPTS, CONSTRAINTS, strict=False)]
     together = [c.text for c in generate(engine, rows, first_id=100)]
     alone = [generate(engine, [row], first_id=200 + i)[0].text for i, row in enumerate(rows)]
     assert together == alone and all(together)
@@ -247,7 +248,7 @@ def test_logprobs_give_k_alternatives_per_token(engine):
             (PROMPTS[3], sampling(choice=["good", "bad"], logprobs=3)), (PROMPTS[4], sampling(max_tokens=8))]
     out = generate(engine, rows, first_id=400)
     assert out[4].logprobs is None
-    for c, (_, s) in zip(out[:4], rows):
+    for c, (_, s) in zip(out[:4], rows, strict=False):
         assert c.error is None and len(c.logprobs) == c.completion_tokens  # the end-of-text token included
         for t in c.logprobs:
             assert len(t.top) == s.logprobs

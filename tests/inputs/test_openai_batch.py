@@ -53,7 +53,8 @@ def test_units_are_line_ranges_and_a_worker_reads_exactly_its_lines(tmp_path):
         start, end = u.byte_range
         assert (start == 0 or data[start - 1:start] == b"\n") and data[end - 1:end] == b"\n"
     assert plan.units[-1].byte_range[1] == len(data)
-    got = [(cid, p[0]["content"]) for w in works for cid, p in zip(w.inputs.column("custom_id").to_pylist(), w.rows.prompts)]
+    got = [(cid, p[0]["content"]) for w in works
+           for cid, p in zip(w.inputs.column("custom_id").to_pylist(), w.rows.prompts, strict=True)]
     assert got == [(f"c{i}", f"line {i}") for i in range(10)]
 
 
@@ -146,7 +147,7 @@ def test_a_file_whose_requests_the_task_does_not_answer_is_one_validate_line(tmp
 
 
 def test_parquet_keys_with_an_openai_batch_input_are_spec_errors(tmp_path):
-    with pytest.raises(SpecError, match=r"input: prompt_column is a parquet setting; an openai_batch line"):
+    with pytest.raises(SpecError, match=r"input: prompt_column is a parquet and jsonl setting; an openai_batch line"):
         spec_of(tmp_path / "r.jsonl", prompt_column="p")
     raw = {"name": "b", "input": {"path": "in/"}, "output": {"path": "out/"}, "workers": [{"engine": "echo"}]}
     plain, explicit = (parse_spec(r, {})[0] for r in (raw, {**raw, "input": {"path": "in/", "format": "parquet"}}))
@@ -161,7 +162,8 @@ def test_validate_prints_the_plan_and_an_empty_directory_is_one_line(tmp_path):
             "output": {"path": str(tmp_path / "out")}, "workers": [{"engine": "echo"}], "unit_rows": 2}
     job.write_text(json.dumps(body))
     result = CliRunner().invoke(main, ["validate", str(job)])
-    assert result.exit_code == 3 and result.output.strip() == f"error: input.path: no *.jsonl files under {tmp_path / 'in'}"
+    assert result.exit_code == 3
+    assert result.output.strip() == f"error: input.path: no *.jsonl files under {tmp_path / 'in'}"
     write_lines(tmp_path / "in" / "r.jsonl", [chat(f"{i}") for i in range(5)])
     result = CliRunner().invoke(main, ["validate", str(job)])
     assert result.exit_code == 0 and "1 input files, 5 rows, 3 units of up to 2 rows" in result.output
@@ -184,7 +186,7 @@ def test_a_request_file_on_s3_is_planned_and_read_by_byte_range(s3_bucket, tmp_p
 
 
 def test_a_kept_line_index_serves_only_the_same_file(tmp_path):
-    from runner.inputs.openai_batch import keep_indexes
+    from runner.inputs.lines import keep_indexes
     from runner.storage.location import Location
 
     path = write_lines(tmp_path / "req.jsonl", [chat(f"k{i}") for i in range(5)] + [chat("k0")])

@@ -19,8 +19,9 @@ from runner.inputs import listing
 from runner.inputs.parquet import cut_units
 from runner.inputs.plan import make_plan
 from runner.inputs.units import InputFile, row_group_summary
-from runner.output.store import JOB, OutputStore
+from runner.output.store import OutputStore
 from runner.spec.job import parse_spec
+from runner.storage.names import JOB
 
 RUNNER = [sys.executable, "-m", "runner.cli"]
 
@@ -61,8 +62,10 @@ def test_glob_and_empty_file(tmp_path):
 @pytest.mark.parametrize("setup, inp, message", [
     (None, {}, "does not exist"),
     (lambda d: (d / "x.txt").write_text("hi"), {}, "no *.parquet files under"),
-    (lambda d: write_shard(d / "a.parquet", ["x"]), {"prompt_column": "text"}, "column 'text' (input.prompt_column) not found"),
-    (lambda d: write_shard(d / "a.parquet", ["x"]), {"columns": ["nope"]}, "column 'nope' (input.columns[0]) not found"),
+    (lambda d: write_shard(d / "a.parquet", ["x"]), {"prompt_column": "text"},
+     "column 'text' (input.prompt_column) not found"),
+    (lambda d: write_shard(d / "a.parquet", ["x"]), {"columns": ["nope"]},
+     "column 'nope' (input.columns[0]) not found"),
     (lambda d: write_shard(d / "a.parquet", ["x"]), {"prompt_column": "id"}, "has type int64, expected string"),
     (lambda d: (d / "a.parquet").write_bytes(b"garbage"), {}, "not a readable Parquet file"),
 ])

@@ -42,7 +42,8 @@ def request(i: int) -> dict:
 BAD = ["{not json", json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}),
        json.dumps(request(0)),  # r0 again
        json.dumps({**request(7), "custom_id": "wrong-url", "url": "/v1/responses"}),
-       json.dumps({**request(8), "custom_id": "tools", "body": {**request(8)["body"], "tools": [{"type": "function"}]}}),
+       json.dumps({**request(8), "custom_id": "tools",
+                   "body": {**request(8)["body"], "tools": [{"type": "function"}]}}),
        json.dumps({**request(9), "custom_id": "hot", "body": {**request(9)["body"], "temperature": -2}})]
 
 

@@ -18,10 +18,11 @@ from runner.engines.base import Completion
 from runner.inputs.plan import make_plan
 from runner.job import finish, job_status
 from runner.output import ledger as ledger_mod
-from runner.output.ledger import LEDGER, Ledger
+from runner.output.ledger import Ledger
 from runner.output.store import OutputStore, UnitStats, output_table, read_markers, summarize, unit_stats
 from runner.spec.job import load_spec
 from runner.storage.location import Location
+from runner.storage.names import LEDGER
 
 RUN = "run000000001"
 

@@ -16,8 +16,9 @@ import pytest
 from conftest import S3_KEY, S3_SECRET, slow_echo_job
 
 from runner.errors import JobConflictError, RunnerError
-from runner.output.lock import LOCK, JobLock, lock_periods
+from runner.output.lock import JobLock, lock_periods
 from runner.storage.location import Location
+from runner.storage.names import LOCK
 
 RUNNER = [sys.executable, "-m", "runner.cli"]
 

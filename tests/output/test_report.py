@@ -9,9 +9,10 @@ from html.parser import HTMLParser
 import pytest
 
 from runner.errors import StorageError
-from runner.output.report import REPORT, build_report, throughput_bins, write_report
+from runner.output.report import build_report, throughput_bins, write_report
 from runner.output.store import UnitStats, read_markers
 from runner.storage.location import Location
+from runner.storage.names import REPORT
 
 T = 1_700_000_000.0
 SCRIPT = "<script>alert(1)</script>"
@@ -155,7 +156,8 @@ def test_long_idle_gap_between_runs_is_cut_and_marked(report):
     boundaries = [ln for ln in page.lines if ln.get("class") == "run-boundary"]
     assert len(boundaries) == 1 and boundaries[0]["stroke-dasharray"]
     assert page.texts["run-label"] == ["run r2"]
-    assert max(float(t) for t in page.texts["xtick"]) == 30  # 30 busy seconds plotted back to back, not 10,010 s of mostly nothing
+    # 30 busy seconds plotted back to back, not 10,010 s of mostly nothing
+    assert max(float(t) for t in page.texts["xtick"]) == 30
 
 
 def test_short_gap_between_runs_is_kept(tmp_path):

@@ -30,7 +30,7 @@ def test_a_whole_tiny_gguf_passes_and_its_tensors_match_gguf_py(model):
     reader = gguf.GGUFReader(model)  # llama.cpp's own Python reader, which maps the whole file
     assert header.alignment == 32 and header.data_start % 32 == 0
     assert [t.name for t in header.tensors] == [t.name for t in reader.tensors]
-    for ours, theirs in zip(header.tensors, reader.tensors):
+    for ours, theirs in zip(header.tensors, reader.tensors, strict=False):
         assert header.data_start + ours.offset == theirs.data_offset
         assert ours.ggml_type == int(theirs.tensor_type)
 

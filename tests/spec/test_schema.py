@@ -78,7 +78,8 @@ def test_an_inexpressible_schema_is_a_one_line_spec_error():
 @pytest.mark.parametrize("sampling, bad", [
     ({"regex": "[a-", "n": 1}, "sampling.regex: not a valid regular expression"),
     ({"choice": []}, "sampling.choice: "),
-    ({"regex": "a", "choice": ["a"]}, "sampling: give one of response_format, regex, choice and grammar, not regex and choice"),
+    ({"regex": "a", "choice": ["a"]},
+     "sampling: give one of response_format, regex, choice and grammar, not regex and choice"),
     ({"response_format": {"type": "json_schema"}}, "sampling.response_format: json_schema: give it exactly when"),
     ({"logprobs": 21}, "sampling.logprobs: expected a value <= 20"),
     ({"n": 0}, "sampling.n: expected a value >= 1"),
@@ -184,7 +185,7 @@ def test_logprobs_and_choices_columns_follow_the_job_spec(tmp_path):
     assert got == ("a", "c", 2, "length")
     assert pq.read_table(tmp_path / "p.parquet").column("choices").to_pylist()[1] is None
     plain = output_table(spec_with({}), unit, pa.table({"id": [1, 2]}), [first, Completion.failed(1, "x: y")])
-    assert "logprobs" not in plain.column_names and "choices" not in plain.column_names and "parsed" not in plain.column_names
+    assert not {"logprobs", "choices", "parsed"} & set(plain.column_names)
 
 
 def test_every_choice_counts_toward_the_units_generated_tokens():

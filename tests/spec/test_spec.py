@@ -2,6 +2,7 @@ import copy
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from runner.errors import SpecError
 from runner.spec.job import JobSpec, load_spec, parse_spec
@@ -183,7 +184,7 @@ def test_existing_jobs_keep_their_fingerprints():
 
 def test_spec_is_frozen():
     spec, _ = parse()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         spec.unit_rows = 3
     assert isinstance(spec, JobSpec)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runner.engines.llamacpp.lib import token_piece
+from runner.engines.llamacpp.lib import token_piece, tokenize
 from runner.errors import ModelError
 
 
@@ -47,6 +47,18 @@ def render_chat(chat: ChatTemplate, messages: list[dict], add_bos: bool) -> tupl
     text = chat.render(messages)
     bos_text = chat.special["bos_token"]
     return text, add_bos and not (bos_text and text.startswith(bos_text))
+
+
+def row_tokens(ll, vocab, chat: ChatTemplate | None, add_bos: bool, prompt: str | None,
+               messages: list[dict] | None) -> list[int]:
+    """A row's prompt tokens, as the engine feeds them: a prompt with BOS, or a chat row rendered with the
+    model's template and its special tokens parsed. RowError for a chat row on a model without a template."""
+    if messages is None:
+        return tokenize(ll, vocab, prompt or "")
+    if chat is None:
+        raise RowError("no_chat_template: the model has no chat template; set chat_template in the worker pool")
+    text, bos = render_chat(chat, messages, add_bos)
+    return tokenize(ll, vocab, text, bos, True)
 
 
 def _raise_template_error(message: str):

@@ -7,8 +7,8 @@ from collections import deque
 
 import numpy as np
 
-from runner.engines.base import Completion, Request
-from runner.engines.llamacpp.lib import llama_lib, model_params, quiet_logs, tokenize
+from runner.engines.base import Completion, Refused, Request
+from runner.engines.llamacpp.lib import llama_lib, load_model, quiet_logs, tokenize
 from runner.errors import EngineError, ModelError
 
 _POOLING = {"mean": 1, "cls": 2, "last": 3}  # llama.cpp's LLAMA_POOLING_TYPE_*
@@ -32,9 +32,7 @@ class LlamaCppEmbedder:
         ll = self.ll = llama_lib()
         quiet_logs(ll)
         ll.llama_backend_init()
-        self.model = ll.llama_model_load_from_file(model_path.encode(), model_params(ll, extra_buffers))
-        if not self.model:
-            raise ModelError(f"{model_path}: llama.cpp could not load this model")
+        self.model = load_model(ll, model_path, extra_buffers)
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.capacity, self.n_ctx, self.n_batch = parallel, n_ctx, n_batch
         self.n_ubatch = max(n_batch, n_ctx)  # one whole prompt always fits
@@ -46,11 +44,12 @@ class LlamaCppEmbedder:
         self.ctx = ll.llama_init_from_model(self.model, self._context_params(n_threads))
         if not self.ctx:
             ll.llama_model_free(self.model)
-            raise EngineError(f"{model_path}: llama.cpp could not create an embedding context of {self.n_ubatch} tokens")
+            raise EngineError(f"{model_path}: llama.cpp could not create an embedding context of "
+                              f"{self.n_ubatch} tokens")
         self.memory = ll.llama_get_memory(self.ctx)
         self.batch = ll.llama_batch_init(self.n_ubatch, 0, 1)
         self.waiting: deque[tuple[Request, list[int]]] = deque()
-        self.failed: list[Completion] = []
+        self.refused = Refused()
 
     def _pooling_type(self, pooling: str) -> int:
         if pooling != "model":
@@ -81,23 +80,22 @@ class LlamaCppEmbedder:
     def add(self, request: Request) -> None:
         tokens = self.tokenize(request.prompt or "")
         if not tokens:
-            self.failed.append(Completion.failed(request.id, "empty_prompt: no tokens to embed"))
+            self.refused.add(request.id, "empty_prompt: no tokens to embed")
         elif len(tokens) > self.n_ctx:
-            self.failed.append(Completion.failed(
-                request.id, f"prompt_too_long: {len(tokens)} tokens, the context holds {self.n_ctx}", len(tokens)))
+            self.refused.too_long(request.id, len(tokens), self.n_ctx)
         else:
             self.waiting.append((request, tokens))
 
     def abort(self, request_id: int) -> None:
         self.waiting = deque(w for w in self.waiting if w[0].id != request_id)
-        self.failed = [c for c in self.failed if c.request_id != request_id]
+        self.refused.drop(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.failed)
+        return bool(self.waiting or self.refused)
 
     def step(self) -> list[Completion]:
         """One decode call over the next whole prompts; returns their vectors (and rows that failed earlier)."""
-        done, self.failed = self.failed, []
+        done = self.refused.take()
         taken = self._fill()
         if not taken:
             return done

@@ -2,82 +2,25 @@
 
 from __future__ import annotations
 
-import codecs
 import itertools
-import os
 from collections import deque
-from dataclasses import dataclass, field
 
-import numpy as np
-
-from runner.engines.base import Choice, Completion, Request, TokenLogprob
-from runner.engines.llamacpp.chat import ChatTemplate, RowError, render_chat
+from runner.engines.base import Choice, Completion, Refused, Request
+from runner.engines.llamacpp.chat import ChatTemplate, RowError, row_tokens
 from runner.engines.llamacpp.grammar import GrammarError, Grammars, GrammarTextDecoder
-from runner.engines.llamacpp.lib import llama_lib, model_chat_template, model_params, quiet_logs, token_piece, tokenize
-from runner.errors import EngineError, ModelError
+from runner.engines.llamacpp.lib import (
+    llama_lib,
+    load_model,
+    model_chat_template,
+    quiet_logs,
+    token_piece,
+    tokenize,
+)
+from runner.engines.llamacpp.sampling import cut_at_stop, sampler_chain, token_logprob
+from runner.engines.llamacpp.sequences import Group, Pending, Prefix, Seq, common_prefix
+from runner.errors import EngineError
 from runner.spec.job import JobSpec
 from runner.spec.pools import LlamaCppPool
-from runner.spec.sampling import Sampling
-
-
-@dataclass
-class _Group:
-    """The n choices of one row. The first choice's prompt KV is copied to the others when its prefill ends;
-    the row completes once, when every choice has finished."""
-
-    n: int
-    queued: int = 1  # choices handed a slot or a place in the queue
-    choices: list[Choice | None] = field(default_factory=list)
-    first: _Seq | None = None  # the first choice, once finished: its logprobs and cached tokens are the row's
-
-    def __post_init__(self):
-        self.choices = [None] * self.n
-
-
-@dataclass
-class _Pending:
-    """A request (or one of its choices) waiting for a slot, tokenized on arrival."""
-
-    request: Request
-    tokens: list[int]
-    choice: int = 0
-    group: _Group | None = None
-
-
-@dataclass
-class _Prefix:
-    """A token prefix shared by queued prompts, computed once in its own sequence and copied to each user."""
-
-    tokens: list[int]
-    fed: int = 0
-
-    @property
-    def ready(self) -> bool:
-        return self.fed == len(self.tokens)
-
-
-@dataclass
-class _Seq:
-    """A request occupying one sequence slot of the context."""
-
-    request: Request
-    slot: int
-    prompt: list[int]
-    sampler: object
-    choice: int = 0
-    group: _Group | None = None
-    fed: int = 0  # tokens already in the KV cache
-    reused: int = 0  # of them, copied from the shared prefix
-    next_token: int | None = None  # sampled, not yet fed
-    generated: int = 0
-    text: str = ""
-    decoder: codecs.IncrementalDecoder | GrammarTextDecoder = field(
-        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
-    logprobs: list[TokenLogprob] | None = None  # kept only when the row asks for them
-
-    @property
-    def prefilling(self) -> bool:
-        return self.fed < len(self.prompt)
 
 
 class LlamaCppEngine:
@@ -104,9 +47,7 @@ class LlamaCppEngine:
         ll = self.ll = llama_lib()
         quiet_logs(ll)
         ll.llama_backend_init()
-        self.model = ll.llama_model_load_from_file(model_path.encode(), model_params(ll, extra_buffers))
-        if not self.model:
-            raise ModelError(f"{model_path}: llama.cpp could not load this model")
+        self.model = load_model(ll, model_path, extra_buffers)
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.add_bos = bool(ll.llama_vocab_get_add_bos(self.vocab))
@@ -130,11 +71,11 @@ class LlamaCppEngine:
             raise EngineError(f"{model_path}: llama.cpp could not create a context of {cp.n_ctx} tokens")
         self.memory = ll.llama_get_memory(self.ctx)
         self.batch = ll.llama_batch_init(self.n_batch, 0, 1)
-        self.slots: list[_Seq | None] = [None] * parallel
-        self.waiting: deque[_Pending] = deque()
-        self.failed: list[Completion] = []  # rows that failed before reaching the model, returned by the next step
+        self.slots: list[Seq | None] = [None] * parallel
+        self.waiting: deque[Pending] = deque()
+        self.refused = Refused()
         self.pieces: dict[int, bytes] = {}
-        self.prefix: _Prefix | None = None
+        self.prefix: Prefix | None = None
         self.prefix_checked_for: int | None = None  # request id at the queue head when a prefix was last sought
         self.prefix_tokens_reused = 0  # prompt tokens copied from a shared prefix instead of computed
         self.prefix_tokens_computed = 0  # tokens computed for shared prefixes
@@ -147,8 +88,7 @@ class LlamaCppEngine:
         """The pool's engine: this one to generate, a LlamaCppEmbedder for task embed."""
         from runner.storage.location import fetch_to_cache
 
-        cache = os.environ.get("RUNNER_CACHE", os.path.expanduser("~/.cache/runner/models"))
-        path = fetch_to_cache(pool.model, pool.model_storage_options, cache)
+        path = fetch_to_cache(pool.model, pool.model_storage_options)
         if spec.task == "embed":
             from runner.engines.llamacpp.embed import LlamaCppEmbedder
 
@@ -167,24 +107,23 @@ class LlamaCppEngine:
             if request.sampling.constrained:
                 self.grammars.check(request.sampling)
         except (RowError, GrammarError) as e:
-            self.failed.append(Completion.failed(request.id, str(e)))
+            self.refused.add(request.id, str(e))
             return
         if len(tokens) >= self.n_ctx:
-            self.failed.append(Completion.failed(
-                request.id, f"prompt_too_long: {len(tokens)} tokens, the context holds {self.n_ctx}", len(tokens)))
+            self.refused.too_long(request.id, len(tokens), self.n_ctx)
             return
         n = request.sampling.n
-        self.waiting.append(_Pending(request, tokens, 0, _Group(n) if n > 1 else None))
+        self.waiting.append(Pending(request, tokens, 0, Group(n) if n > 1 else None))
 
     def abort(self, request_id: int) -> None:
         self.waiting = deque(p for p in self.waiting if p.request.id != request_id)
-        self.failed = [c for c in self.failed if c.request_id != request_id]
+        self.refused.drop(request_id)
         for seq in self.slots:
             if seq and seq.request.id == request_id:
                 self._release(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.failed) or any(self.slots)
+        return bool(self.waiting or self.refused) or any(self.slots)
 
     def step(self) -> list[Completion]:
         """Prompt chunks in one decode call, then one token for every generating sequence in another.
@@ -235,16 +174,11 @@ class LlamaCppEngine:
         return token_piece(self.ll, self.vocab, token, special)
 
     def _prompt_tokens(self, request: Request) -> list[int]:
-        if request.messages is None:
-            return self.tokenize(request.prompt)
-        if self.chat is None:
-            raise RowError("no_chat_template: the model has no chat template; set chat_template in the worker pool")
-        text, bos = render_chat(self.chat, request.messages, self.add_bos)
-        return self.tokenize(text, add_special=bos, parse_special=True)
+        return row_tokens(self.ll, self.vocab, self.chat, self.add_bos, request.prompt, request.messages)
 
     def _admit(self) -> list[Completion]:
         """Move waiting requests into free slots; returns the rows that failed before reaching the model."""
-        failed, self.failed = self.failed, []
+        failed = self.refused.take()
         if not self.kv_unified:
             self._compact()
         if self.prefix_reuse and self._seek_prefix():
@@ -272,14 +206,14 @@ class LlamaCppEngine:
             self.ll.llama_memory_seq_rm(self.memory, last, -1, -1)
             seq.slot, slots[free], slots[last] = free, seq, None
 
-    def _start(self, p: _Pending, slot: int) -> _Seq:
+    def _start(self, p: Pending, slot: int) -> Seq:
         seq = self._new_seq(p.request, p.tokens, slot, p.choice, p.group)
         if p.choice and self._copy_sibling(seq):
             return seq
         prefix = self.prefix
         if prefix and prefix.ready:
             # at least one prompt token is left to decode so the sequence has logits of its own
-            reuse = min(_common_prefix(prefix.tokens, p.tokens), len(p.tokens) - 1)
+            reuse = min(common_prefix(prefix.tokens, p.tokens), len(p.tokens) - 1)
             if reuse >= self.prefix_min:
                 self.ll.llama_memory_seq_cp(self.memory, self.holder, slot, -1, -1)
                 if reuse < len(prefix.tokens):
@@ -288,15 +222,16 @@ class LlamaCppEngine:
                 self.prefix_tokens_reused += reuse
         return seq
 
-    def _new_seq(self, request: Request, prompt: list[int], slot: int, choice: int, group: _Group | None) -> _Seq:
+    def _new_seq(self, request: Request, prompt: list[int], slot: int, choice: int, group: Group | None) -> Seq:
         s = request.sampling
-        seq = _Seq(request, slot, prompt, self._sampler(s, choice), choice, group,
-                   logprobs=[] if s.logprobs and choice == 0 else None)  # a row's logprobs are its first choice's
+        chain = sampler_chain(self.ll, self.grammars, self.n_vocab, s, choice)
+        seq = Seq(request, slot, prompt, chain, choice, group,
+                  logprobs=[] if s.logprobs and choice == 0 else None)  # a row's logprobs are its first choice's
         if s.constrained:
             seq.decoder = GrammarTextDecoder()
         return seq
 
-    def _fork(self, fed: list[tuple[_Seq, int]]) -> list[tuple[_Seq, int]]:
+    def _fork(self, fed: list[tuple[Seq, int]]) -> list[tuple[Seq, int]]:
         """The further choices of each row whose first choice just ended its prefill: its KV is copied into
         free slots, and they sample from the same logits. Choices that find no free slot queue at the front."""
         forks = []
@@ -312,11 +247,11 @@ class LlamaCppEngine:
                 forks.append((seq, index))
                 group.queued += 1
             for choice in range(group.n - 1, group.queued - 1, -1):
-                self.waiting.appendleft(_Pending(first.request, first.prompt, choice, group))
+                self.waiting.appendleft(Pending(first.request, first.prompt, choice, group))
             group.queued = group.n
         return forks
 
-    def _copy_sibling(self, seq: _Seq) -> bool:
+    def _copy_sibling(self, seq: Seq) -> bool:
         """Start a choice from the prompt KV of another choice of its row that is past its prefill, if one is
         still running; its last prompt token is decoded again, for logits of its own."""
         sibling = next((s for s in self.slots if s and s.group is seq.group and not s.prefilling), None)
@@ -341,19 +276,19 @@ class LlamaCppEngine:
             return False  # (a further choice of a row copies its prompt from a running sibling)
         head = self.waiting[0]
         self.prefix_checked_for = head.request.id
-        if self.prefix and _common_prefix(self.prefix.tokens, head.tokens) >= self.prefix_min:
+        if self.prefix and common_prefix(self.prefix.tokens, head.tokens) >= self.prefix_min:
             return False
         others = [p.tokens for p in itertools.islice(self.waiting, 1, 33)]
-        shared = sorted((_common_prefix(head.tokens, t) for t in others), reverse=True)
+        shared = sorted((common_prefix(head.tokens, t) for t in others), reverse=True)
         length = min(shared[(len(shared) - 1) // 2], len(head.tokens) - 1, self.n_ctx - 1)
         if length < self.prefix_min:
             return False
         self.ll.llama_memory_seq_rm(self.memory, self.holder, -1, -1)
-        self.prefix = _Prefix(head.tokens[:length])
+        self.prefix = Prefix(head.tokens[:length])
         self.prefix_tokens_computed += length
         return True
 
-    def _fill_prompts(self) -> list[tuple[_Seq, int]]:
+    def _fill_prompts(self) -> list[tuple[Seq, int]]:
         """The shared prefix's next chunk, then prompt chunks in slot order, up to n_batch tokens in all.
         Returns the sequences whose prompt is complete, with the batch index of their last token."""
         n, fed = 0, []
@@ -377,7 +312,7 @@ class LlamaCppEngine:
         self.batch.n_tokens = n
         return fed
 
-    def _fill_decode(self) -> list[tuple[_Seq, int]]:
+    def _fill_decode(self) -> list[tuple[Seq, int]]:
         """The last sampled token of every generating sequence."""
         n, fed = 0, []
         for seq in self.slots:
@@ -394,48 +329,28 @@ class LlamaCppEngine:
         b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
         b.seq_id[i][0] = seq_id
 
-    def _sample(self, seq: _Seq, index: int) -> Completion | None:
+    def _sample(self, seq: Seq, index: int) -> Completion | None:
         token = self.ll.llama_sampler_sample(seq.sampler, self.ctx, index)
         sampling = seq.request.sampling
         if self.ll.llama_vocab_is_eog(self.vocab, token):
             return self._finish(seq, "stop")
         if seq.logprobs is not None:
-            seq.logprobs.append(self._logprob(index, token, sampling.logprobs))
+            seq.logprobs.append(token_logprob(self.ll, self.ctx, self.n_vocab, index, token, sampling.logprobs,
+                                              self._token_text))
         seq.generated += 1
         seq.text += seq.decoder.decode(self.piece(token))
-        if sampling.stop and self._cut_at_stop(seq, sampling):
+        if sampling.stop and cut_at_stop(seq, sampling):
             return self._finish(seq, "stop")
         if seq.generated >= sampling.max_tokens or seq.fed + 1 >= self.n_ctx:
             return self._finish(seq, "length")
         seq.next_token = token
         return None
 
-    @staticmethod
-    def _cut_at_stop(seq: _Seq, sampling: Sampling) -> bool:
-        window = max(len(s) for s in sampling.stop) + 16
-        start = max(0, len(seq.text) - window)
-        hits = [i for s in sampling.stop if (i := seq.text.find(s, start)) >= 0]
-        if hits:
-            seq.text = seq.text[: min(hits)]
-        return bool(hits)
-
-    def _logprob(self, index: int, token: int, k: int) -> TokenLogprob:
-        """The token's log-probability under the step's raw logits (before penalties, temperature or grammar),
-        with the k most likely tokens, most likely first."""
-        raw = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
-        shifted = raw.astype(np.float64) - raw.max()
-        logprobs = shifted - np.log(np.exp(shifted).sum())
-        k = min(k, self.n_vocab)
-        top = np.argpartition(logprobs, -k)[-k:]
-        top = top[np.argsort(-logprobs[top], kind="stable")]
-        return TokenLogprob(self._token_text(token), float(logprobs[token]),
-                            [(self._token_text(int(t)), float(logprobs[t])) for t in top])
-
     def _token_text(self, token: int) -> str:
         """A token's text; a control token (EOS, which has no text) by its name."""
         return (self.piece(token) or self.piece(token, special=True)).decode("utf-8", "replace")
 
-    def _finish(self, seq: _Seq, reason: str) -> Completion | None:
+    def _finish(self, seq: Seq, reason: str) -> Completion | None:
         if reason == "length":
             seq.text += seq.decoder.decode(b"", final=True)
         self._release(seq)
@@ -445,7 +360,7 @@ class LlamaCppEngine:
                           logprobs=seq.logprobs)
 
     @staticmethod
-    def _finish_choice(seq: _Seq, reason: str) -> Completion | None:
+    def _finish_choice(seq: Seq, reason: str) -> Completion | None:
         """Record one choice; the row completes with its last choice, its own fields being the first choice's."""
         group = seq.group
         group.choices[seq.choice] = Choice(seq.text, reason, seq.generated)
@@ -458,43 +373,7 @@ class LlamaCppEngine:
                           first.generated, cached_tokens=first.reused, logprobs=first.logprobs,
                           choices=list(group.choices))
 
-    def _release(self, seq: _Seq) -> None:
+    def _release(self, seq: Seq) -> None:
         self.ll.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
         self.ll.llama_sampler_free(seq.sampler)
         self.slots[seq.slot] = None
-
-    def _sampler(self, s: Sampling, choice: int = 0):
-        """The sequence's sampler chain; the chain owns (and frees) every sampler added to it, the grammar's too."""
-        ll = self.ll
-        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if s.constrained:  # first, so every later sampler sees only the tokens the grammar allows
-            ll.llama_sampler_chain_add(chain, self.grammars.sampler(s))
-        if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
-                self.n_vocab, 64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))
-        if s.temperature == 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
-            return chain
-        if s.top_k:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(s.top_k))
-        if s.top_p < 1.0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(s.top_p, 1))
-        if s.min_p > 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(s.min_p, 1))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(s.temperature))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist((s.seed + choice) & 0xFFFFFFFF))
-        return chain
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists (binary search over C-speed slice compares)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-

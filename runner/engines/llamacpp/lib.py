@@ -1,11 +1,11 @@
-"""llama-cpp-python's ctypes library: loading it, model parameters (extra buffer types), tokens and pieces, quiet logs."""
+"""llama-cpp-python's ctypes library: loading it, model parameters (extra buffer types), tokens, quiet logs."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 
-from runner.errors import EngineError
+from runner.errors import EngineError, ModelError
 from runner.hardware import cpu_flags, has_amx
 
 
@@ -29,6 +29,15 @@ def use_extra_buffers(setting: str = "auto", flags: frozenset[str] | None = None
     if setting != "auto":
         return setting == "on"
     return not has_amx(cpu_flags() if flags is None else flags)
+
+
+def load_model(ll, path: str, extra_buffers: str = "auto", vocab_only: bool = False):
+    """The llama_model at `path` (its vocabulary alone with `vocab_only`); ModelError when llama.cpp cannot
+    load it."""
+    model = ll.llama_model_load_from_file(path.encode(), model_params(ll, extra_buffers, vocab_only))
+    if not model:
+        raise ModelError(f"{path}: llama.cpp could not load this model")
+    return model
 
 
 def model_params(ll, extra_buffers: str = "auto", vocab_only: bool = False):
