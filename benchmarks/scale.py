@@ -1,5 +1,6 @@
 """How many replicas one coordinator serves: the real Coordinator, driven as workers drive it, by simulated
-replicas that lease a unit, work a while, commit it (`complete_all`), lease again, and beat every second.
+replicas that lease a unit, work a while, commit it (`complete_all`), lease again, and beat as a healthy worker does
+(each IDLE_BEAT_S).
 
     python benchmarks/scale.py                                   # in-process, then the Ray actor, ~4 minutes
     python benchmarks/scale.py --replicas 100,300,1000 --period 10 --seconds 20 --saturate 200
@@ -27,8 +28,7 @@ import psutil
 
 from runner.inputs.units import Unit, new_unit
 from runner.output.store import UnitStats
-from runner.schedule.coordinator import Coordinator
-from runner.worker.worker import BEAT_S
+from runner.schedule.coordinator import IDLE_BEAT_S, Coordinator
 
 GOAL = (1000, 10.0, 20.0)  # the issue's goal: 1,000 replicas committing a unit every 10 s under 20% of a core
 WARMUP_S = 2.0  # the first leases come in a burst; rates and CPU are measured after this
@@ -81,7 +81,7 @@ def inproc_row(replicas: int, period: float, seconds: float) -> dict:
     progress_s = [timed(c.progress)[1] for _ in range(20)]
     cycle = statistics.mean(lease_s) + statistics.mean(commit_s)
     # per second at the offered load: R/T leases and commits, R beats, and the driver's one progress poll
-    projected = replicas / period * cycle + replicas / BEAT_S * statistics.mean(beat_s) + statistics.median(
+    projected = replicas / period * cycle + replicas / IDLE_BEAT_S * statistics.mean(beat_s) + statistics.median(
         progress_s)
     return {"mode": "inproc", "replicas": replicas, "units": units, "offered c/s": replicas / period,
             "leases/s": 1 / cycle, "commits/s": 1 / cycle, "coord CPU %": 100 * projected,
@@ -113,9 +113,9 @@ def profile_inproc(replicas: int, cycles: int) -> None:
 
 class LoadGen:
     """Simulated replicas in one process: each leases, works `period` s (0: not at all), commits, leases again;
-    every replica beats each BEAT_S. Counts and lease latencies are kept with their times."""
+    every replica beats each IDLE_BEAT_S. Counts and lease latencies are kept with their times."""
 
-    def __init__(self, coordinator, names: list[str], period: float, seed: int, beat_s: float = BEAT_S):
+    def __init__(self, coordinator, names: list[str], period: float, seed: int, beat_s: float = IDLE_BEAT_S):
         self.c, self.names, self.period, self.beat_s = coordinator, names, period, beat_s
         self.rng = random.Random(seed)
         self.leases: list[tuple[float, float]] = []  # (when answered, seconds taken)
@@ -277,8 +277,8 @@ def main() -> None:
     ap.add_argument("--inproc-seconds", type=float, default=2.0, help="measured seconds per in-process row")
     ap.add_argument("--saturate", type=int, default=200, help="replicas of the unbounded row (0: none)")
     ap.add_argument("--generators", type=int, default=2, help="load-generator actors")
-    ap.add_argument("--beat", type=float, default=BEAT_S,
-                    help="seconds between a replica's heartbeats (the worker's BEAT_S; 0: none, to see their share)")
+    ap.add_argument("--beat", type=float, default=IDLE_BEAT_S,
+                    help="seconds between a replica's heartbeats (a healthy worker's, IDLE_BEAT_S; 0: none)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of the in-process calls")
     args = ap.parse_args()
     modes, counts = args.modes.split(","), [int(x) for x in args.replicas.split(",")]

@@ -10,6 +10,12 @@ from enum import Enum
 from runner.inputs.units import Unit
 from runner.output.store import UnitStats
 
+# A worker beats each STALL_BEAT_S while its engine has gone that long without progress (and once more when it
+# recovers), and at least each IDLE_BEAT_S otherwise: at 1,000 replicas, beats every second were two thirds of
+# the coordinator's CPU (benchmarks/scale.py). Silence past the interval it promised counts as a stall, so a
+# worker hung whole (its beat thread too) is still found.
+STALL_BEAT_S = 1.0
+IDLE_BEAT_S = 30.0
 COUNTED = ("rows", "rows_ok", "rows_failed", "prompt_tokens", "completion_tokens")  # totals of committed units
 
 
@@ -261,9 +267,15 @@ class Coordinator:
             "units_given_up": c[UnitState.GAVE_UP], "units_in_flight": c[UnitState.LEASED],
             "units_queued": c[UnitState.QUEUED], "finished": self.finished(), "last_error": self.last_error,
             "done_by_pool": dict(self.done_by_pool),
-            "stalled_s": {w: s + now - at for w, (at, s) in self.beats.items()},
+            "stalled_s": {w: stalled_s(at, s, now) for w, (at, s) in self.beats.items()},
             "attempts": {uid: self.tracks[uid].attempts for uid in self.tried},
             "gave_up": {uid: self.tracks[uid].error for uid in self.tried
                         if self.tracks[uid].state is UnitState.GAVE_UP},
             **self.totals,
         }
+
+
+def stalled_s(at: float, stalled: float, now: float) -> float:
+    """How long a worker's engine has gone without progress, from its last beat (sent at `at`, saying
+    `stalled`): a stalling worker's silence since counts whole, a healthy one's only past IDLE_BEAT_S."""
+    return stalled + max(0.0, now - at - (0.0 if stalled >= STALL_BEAT_S else IDLE_BEAT_S))

@@ -15,7 +15,7 @@ from runner.hardware import cpu_flags, describe_cpu
 from runner.inputs.reader import open_reader
 from runner.inputs.units import UnitWork
 from runner.output.store import OutputStore
-from runner.schedule.coordinator import WorkerInfo
+from runner.schedule.coordinator import IDLE_BEAT_S, STALL_BEAT_S, WorkerInfo
 from runner.spec.job import JobSpec
 from runner.storage.location import prime_parquet
 from runner.worker.batching import END, BatchLoop
@@ -23,7 +23,6 @@ from runner.worker.crashes import unwatch_crashes, watch_crashes
 
 log = logging.getLogger(__name__)
 
-BEAT_S = 1.0  # how often a worker tells the coordinator whether its engine progresses
 COMMITS_PENDING = 2  # finished units waiting for the store before the engine loop waits too
 SENDS_PENDING = 8  # reports of committed units sent to the coordinator and not yet acknowledged
 REPORT_EVERY = 8  # a busy writer reports committed units to the coordinator at least this often
@@ -253,8 +252,14 @@ class Worker:
         return max(0.0, time.monotonic() - loop.last_progress)
 
     def _beat(self, stop: threading.Event) -> None:
-        while not stop.wait(BEAT_S):
-            self.link.tell("beat", self.identity, self.stalled_s())
+        """Tell the coordinator whether the engine progresses: each STALL_BEAT_S while it stalls and once when
+        it recovers, else each IDLE_BEAT_S (the coordinator's CPU grows with beats, not with units)."""
+        sent_at, sent = float("-inf"), 0.0
+        while not stop.wait(STALL_BEAT_S):
+            stalled, now = self.stalled_s(), time.monotonic()
+            if should_beat(stalled, sent, now - sent_at):
+                self.link.tell("beat", self.identity, stalled)
+                sent_at, sent = now, stalled
 
     def hold(self, unit_id: str, attempt: int) -> None:
         with self.held_lock:
@@ -333,3 +338,9 @@ def _exit_with_raylet(raylet_pid: int, name: str) -> None:
         time.sleep(1.0)
     log.error("%s: its raylet (pid %d) is gone; exiting", name, raylet_pid)
     os._exit(1)
+
+
+def should_beat(stalled: float, last_sent: float, since_sent: float) -> bool:
+    """Whether a worker beats now: while its engine stalls, when it has just recovered (the last beat said it
+    stalled), or when IDLE_BEAT_S have passed since the last beat."""
+    return stalled >= STALL_BEAT_S or last_sent >= STALL_BEAT_S or since_sent >= IDLE_BEAT_S

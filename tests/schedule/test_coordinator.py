@@ -2,7 +2,7 @@ import time
 
 from runner.inputs.units import Unit
 from runner.output.store import UnitStats
-from runner.schedule.coordinator import Coordinator
+from runner.schedule.coordinator import IDLE_BEAT_S, Coordinator
 
 
 def units(n):
@@ -143,7 +143,10 @@ def test_progress_says_how_long_each_worker_has_stalled():
     c.beat("b", 0.0)
     time.sleep(0.2)
     stalled = c.progress()["stalled_s"]
-    assert 4.2 <= stalled["a"] < 5 and 0.2 <= stalled["b"] < 1  # no beat since: the silence counts too
+    assert 4.2 <= stalled["a"] < 5  # a stalling worker beats each STALL_BEAT_S: its silence since counts
+    assert stalled["b"] == 0.0  # a healthy one beats each IDLE_BEAT_S: silence within that is not a stall
+    c.beats["b"] = (time.time() - IDLE_BEAT_S - 3, 0.0)  # silent past its interval: hung whole, beats and all
+    assert 3 <= c.progress()["stalled_s"]["b"] < 4
     c.worker_lost("a", "stalled")
     c.beat("a", 9.0)  # a late beat from the killed worker
     assert "a" not in c.progress()["stalled_s"]

@@ -91,3 +91,13 @@ def test_the_pace_is_taken_over_the_last_units_not_the_last_two():
         if i % 2:
             time.sleep(0.02)  # two units at once, then a wait: an engine refilling its slots a pair at a time
     assert 0.008 < feed.unit_s < 0.05 and feed.lease_size() < LEASE_MAX
+
+
+def test_a_worker_beats_each_second_only_while_its_engine_stalls():
+    from runner.schedule.coordinator import IDLE_BEAT_S, STALL_BEAT_S
+    from runner.worker.worker import should_beat
+
+    assert not should_beat(0.0, 0.0, 1.0) and not should_beat(0.5, 0.2, IDLE_BEAT_S - 1)  # healthy: quiet
+    assert should_beat(0.0, 0.0, IDLE_BEAT_S)  # still, at least each IDLE_BEAT_S
+    assert should_beat(STALL_BEAT_S, 0.0, 1.0) and should_beat(7.0, 6.0, 1.0)  # stalling: each STALL_BEAT_S
+    assert should_beat(0.0, 7.0, 1.0)  # recovered: said at once, so the coordinator stops counting the stall
