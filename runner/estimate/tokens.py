@@ -51,12 +51,11 @@ class LlamaTokens:
 
     def __init__(self, pool: LlamaCppPool, name: str):
         from runner.engines.llamacpp.chat import ChatTemplate
-        from runner.engines.llamacpp.lib import llama_lib, load_model, model_chat_template, quiet_logs
+        from runner.engines.llamacpp.lib import llama_lib, load_model, model_chat_template
         from runner.storage.location import fetch_to_cache
 
         path = fetch_to_cache(pool.model, pool.model_storage_options)  # where the engine finds it too
         ll = self.ll = llama_lib()
-        quiet_logs(ll)
         try:
             self.model = load_model(ll, path, pool.extra_buffers, vocab_only=True)
         except ModelError:

@@ -25,6 +25,16 @@ NOT_TOKENIZER = ("model.safetensors", "model-00001-of-00002.safetensors", "pytor
 PROMPTS = ["the price was good", "I would buy it again but the screen", "sound battery delivery quality " * 3]
 
 
+@pytest.fixture(autouse=True)
+def no_hub(monkeypatch):
+    """Nothing here reaches a hub: every snapshot_download is a cache lookup (local_files_only=True) in offline
+    mode, and the test that plays the hub replaces the download itself."""
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: real(repo_id, **{**kw, "local_files_only": True}))
+
+
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory) -> str:
     """The tiny llama as a Hugging Face directory: conftest's tiny_hf_model without its `import vllm`."""
@@ -85,11 +95,11 @@ def test_a_hub_id_in_the_cache_counts_as_its_local_directory(tmp_path, hf_model,
 
 
 def test_a_hub_id_not_in_the_cache_is_refused_in_one_line(tmp_path, hf_model, cache, monkeypatch):
-    real = huggingface_hub.snapshot_download
+    lookup = huggingface_hub.snapshot_download  # no_hub's: a cache lookup
 
     def lookup_only(repo_id, **kw):
         assert kw.get("local_files_only") is True, "runner plan asked the hub without --download-tokenizer"
-        return real(repo_id, **kw)
+        return lookup(repo_id, **kw)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lookup_only)
     result = CliRunner().invoke(main, ["plan", plan_job(tmp_path, REPO)])
@@ -108,12 +118,12 @@ def test_a_hub_id_not_in_the_cache_is_refused_in_one_line(tmp_path, hf_model, ca
 
 
 def test_download_tokenizer_fetches_only_the_tokenizer_and_config_files(tmp_path, hf_model, cache, monkeypatch):
-    real, asked = huggingface_hub.snapshot_download, []
+    lookup, asked = huggingface_hub.snapshot_download, []  # no_hub's: a cache lookup
 
     def hub(repo_id, **kw):
         """The hub, played by the tiny model's directory: what the patterns ask for lands in the cache."""
         if kw.get("local_files_only"):
-            return real(repo_id, **kw)
+            return lookup(repo_id, **kw)
         asked.append((repo_id, kw))
         files = [f for f in os.listdir(hf_model) if any(fnmatch.fnmatch(f, p) for p in kw["allow_patterns"])]
         return str(fill_cache(Path(kw["cache_dir"]), hf_model, files, repo_id))

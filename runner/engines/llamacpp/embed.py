@@ -8,7 +8,7 @@ from collections import deque
 import numpy as np
 
 from runner.engines.base import Completion, Refused, Request
-from runner.engines.llamacpp.lib import llama_lib, load_model, quiet_logs, tokenize
+from runner.engines.llamacpp.lib import llama_lib, load_model, tokenize
 from runner.errors import EngineError, ModelError
 
 _POOLING = {"mean": 1, "cls": 2, "last": 3}  # llama.cpp's LLAMA_POOLING_TYPE_*
@@ -30,8 +30,6 @@ class LlamaCppEmbedder:
                  n_batch: int = 512, pooling: str = "model", normalize: bool = True, flash_attn: bool = False,
                  extra_buffers: str = "auto"):
         ll = self.ll = llama_lib()
-        quiet_logs(ll)
-        ll.llama_backend_init()
         self.model = load_model(ll, model_path, extra_buffers)
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.capacity, self.n_ctx, self.n_batch = parallel, n_ctx, n_batch

@@ -12,7 +12,6 @@ from runner.engines.llamacpp.lib import (
     llama_lib,
     load_model,
     model_chat_template,
-    quiet_logs,
     token_piece,
     tokenize,
 )
@@ -45,8 +44,6 @@ class LlamaCppEngine:
                  prefix_reuse: bool = True, prefix_min_tokens: int = 32, chat_template: str | None = None,
                  extra_buffers: str = "auto"):
         ll = self.ll = llama_lib()
-        quiet_logs(ll)
-        ll.llama_backend_init()
         self.model = load_model(ll, model_path, extra_buffers)
         self.vocab = ll.llama_model_get_vocab(self.model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)

@@ -32,8 +32,10 @@ def use_extra_buffers(setting: str = "auto", flags: frozenset[str] | None = None
 
 
 def load_model(ll, path: str, extra_buffers: str = "auto", vocab_only: bool = False):
-    """The llama_model at `path` (its vocabulary alone with `vocab_only`); ModelError when llama.cpp cannot
-    load it."""
+    """The llama_model at `path` (its vocabulary alone with `vocab_only`), llama.cpp's logs quieted and its
+    backend up; ModelError when llama.cpp cannot load it."""
+    quiet_logs(ll)
+    ll.llama_backend_init()
     model = ll.llama_model_load_from_file(path.encode(), model_params(ll, extra_buffers, vocab_only))
     if not model:
         raise ModelError(f"{path}: llama.cpp could not load this model")
