@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
 SETTLE_S = 0.5
+ABSENT_S = 0.5
 
 
 def lock_periods(heartbeat_s: float | None = None, stale_s: float | None = None) -> tuple[float, float]:
@@ -88,7 +89,7 @@ class JobLock:
                 wrote = self.loc.replace_if(LOCK, self._record(), version)
             if wrote and not self.loc.exclusive_writes:
                 time.sleep(SETTLE_S)  # for stores without (or ignoring) conditional writes: see the docstring
-            held, _ = self._read()
+            held, _ = self._read_back()
             if not self._ours(held):
                 raise JobConflictError(self._busy(held))
         self.written = time.time()
@@ -131,7 +132,7 @@ class JobLock:
         else:
             wrote = self.loc.replace_if(LOCK, self._record(), version)
         if not wrote:  # refused: another driver wrote it since the read
-            held, _ = self._read()
+            held, _ = self._read_back()
             if not self._ours(held):
                 return self._lose(held)
         self.written = time.time()
@@ -158,6 +159,18 @@ class JobLock:
         except FileNotFoundError:
             return None, None
         return json.loads(data), version
+
+    def _read_back(self) -> tuple[dict | None, str | None]:
+        """The lock after a conditional write, read again while it is absent for up to ABSENT_S: a racing
+        driver's replace on a local disk takes the name away for a moment (to compare its version, and
+        puts it back when it was not the one read), and a driver that read then would take its own lock
+        for another's and back off, as would the other."""
+        deadline = time.monotonic() + ABSENT_S
+        held, version = self._read()
+        while held is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            held, version = self._read()
+        return held, version
 
     def _ours(self, held: dict | None) -> bool:
         return held is not None and held.get("run_id") == self.run_id

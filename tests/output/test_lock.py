@@ -153,6 +153,28 @@ def test_two_drivers_taking_over_one_stale_lock_at_once_leave_one_holder(locatio
         assert not location.exists(LOCK)
 
 
+def test_a_takeover_read_back_in_a_losers_put_back_moment_still_wins(tmp_path, monkeypatch):
+    """On a local disk, the driver that lost a takeover race renames the new lock away to compare it and
+    puts it back: the winner's read-back in that moment finds no lock, and must wait for it, not back off."""
+    location = Location.open(str(tmp_path / "out"))
+    stale_lock(location)
+    winner = JobLock(dataclasses.replace(location), "j", "run-a")
+    real = winner.loc.replace_if
+    lock_file = tmp_path / "out" / LOCK
+    away = tmp_path / "out" / ".lock-away"
+
+    def then_a_loser_compares(*args):
+        wrote = real(*args)
+        os.rename(lock_file, away)  # the loser's replace takes the name away ...
+        threading.Timer(0.1, os.rename, (away, lock_file)).start()  # ... and puts it back
+        return wrote
+
+    monkeypatch.setattr(winner.loc, "replace_if", then_a_loser_compares)
+    winner.acquire()
+    assert location.read_json(LOCK)["run_id"] == "run-a"
+    winner.release()
+
+
 @pytest.mark.parametrize("late_in", ["read_versioned", "replace_if"])
 def test_a_heartbeat_late_past_a_takeover_loses_the_lock(location, late_in, monkeypatch):
     """A driver whose heartbeat stalls (in its read, or between its read and its write) past stale_s finds
