@@ -53,7 +53,8 @@ def validate(job_yaml: str) -> None:
         engine = pool.describe()
         placed = "".join(f", {k}={v:g}" for k, v in pool.resources.items())
         placed += f", accelerator_type={pool.accelerator_type}" if pool.accelerator_type else ""
-        click.echo(f"  pool {name}: {pool.replicas} x {pool.engine} {getattr(pool, 'model', '')} "
+        most = f" (at most {pool.max_replicas})" if pool.max_replicas else ""
+        click.echo(f"  pool {name}: {pool.replicas}{most} x {pool.engine} {getattr(pool, 'model', '')} "
                    f"(num_cpus={pool.num_cpus:g}, num_gpus={pool.num_gpus:g}{placed}, {engine}; "
                    f"{spec.units_per_lease(i) * spec.unit_rows} rows a lease)")
     click.echo(f"  output: {spec.output.path}")

@@ -69,3 +69,13 @@ class ClusterError(RunnerError):
     """A Ray cluster cannot be reached, or its Job Submission API refused a request."""
 
     exit_code = 9
+
+
+def short_error(e: BaseException) -> str:
+    """A Ray error as one line: its cause's type and last line, without Ray's advice."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        e = cause
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    text = (lines[-1] if lines else "").split(" Some common causes include")[0]  # Ray's advice is not the error
+    return f"{type(e).__name__}: {text}"[:500]

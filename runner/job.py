@@ -106,7 +106,7 @@ def _run_locked(spec: JobSpec, resolved_spec: dict, options: RunOptions, plan: P
         """The given-up units' rows, written as failed, then the manifest: storage work that needs no Ray."""
         stats = known + [write_failed_unit(spec, store, unit, error, run_id, dim) for unit, error in given_up]
         return finish(spec, store, plan, run_id, started, skipped=len(plan.units) - len(todo), known=stats,
-                      ledger=None if todo else before)
+                      ledger=None if todo else before, events=timings.events)
 
     # With every unit of this run settled no worker holds one, so the results are written while Ray stops; a
     # run stopped early stops Ray first, so that no worker told to stop commits behind the manifest.
@@ -147,10 +147,11 @@ def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str,
 
 
 def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: float, skipped: int,
-           known: Iterable[UnitStats] = (), ledger: Ledger | None = None) -> dict:
+           known: Iterable[UnitStats] = (), ledger: Ledger | None = None, events: list[dict] = ()) -> dict:
     """Write the manifest, the report and the rolled-up ledger; raise JobFailedError if the job is not done.
     `known`: the stats this run's coordinator received, so none of this run's own markers is read again;
-    `ledger`: the one loaded at the start when nothing has been committed since."""
+    `ledger`: the one loaded at the start when nothing has been committed since; `events`: what happened
+    to the cluster during the run (nodes lost and joined, workers lost), which the report marks."""
     ledger = ledger or Ledger.load(store.loc, known)
     plan_ids = {u.id for u in plan.units}
     mine = [m for m in ledger.stats if m.unit_id in plan_ids]
@@ -165,7 +166,7 @@ def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: 
         "units_skipped": skipped, "units_this_run": len(this_run), "wall_time_s": round(wall, 3),
         "rows_per_s": round(sum(m.rows for m in this_run) / wall, 2) if wall else 0.0,
         "tokens_per_s": round(new_tokens / wall, 1) if wall else 0.0,
-        **summary, "spec": (store.job_record() or {}).get("spec"),
+        **summary, "events": list(events), "spec": (store.job_record() or {}).get("spec"),
     }
     if input_format(spec).request_counts:  # as the OpenAI Batch API counts its requests
         manifest["request_counts"] = {"total": plan.total_rows, "completed": manifest.get("rows_ok", 0),

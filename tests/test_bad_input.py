@@ -152,7 +152,8 @@ def _vllm_engine_arg_unknown(t, m):
 
 CASES = [
     ("unknown key", _unknown_key, 2, "{t}/job.yaml: bogus_key: unknown key"),
-    ("wrong type", _wrong_type, 2, '{t}/job.yaml: workers[0].replicas: expected an integer, got "two"'),
+    ("wrong type", _wrong_type, 2,
+     '{t}/job.yaml: workers[0].replicas: expected `auto` or an integer of at least 1, got "two"'),
     ("missing input path", _missing_path, 3, "input.path: {t}/nowhere does not exist"),
     ("no Parquet files", _no_parquet, 3, "input.path: no *.parquet files under {t}/in"),
     ("missing prompt column", _no_prompt_column, 3,

@@ -56,7 +56,7 @@ def sub(path: Path, old: str, new: str) -> Path:
     (lambda p, m: p.with_name("missing.yaml"), 2, "missing.yaml: cannot read job spec"),
     (lambda p, m: sub(p, "unit_rows", "bogus: 1\nunit_rows"), 2, "job.yaml: bogus: unknown key"),
     (lambda p, m: sub(p, "replicas: 1", "replicas: two"), 2,
-     'workers[0].replicas: expected an integer, got "two"'),
+     'workers[0].replicas: expected `auto` or an integer of at least 1, got "two"'),
     (lambda p, m: sub(p, "prompt_column: prompt", "prompt_column: q"), 3,
      "column 'q' (input.prompt_column) not found"),
     (lambda p, m: sub(p, m, m + ".nope"), 4, "does not exist"),

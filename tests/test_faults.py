@@ -399,3 +399,20 @@ def test_a_model_that_validates_but_cannot_load_ends_the_job_with_one_line(ray_l
     assert "Traceback" not in result.output and result.output.count("cannot load") == 1
     assert not list((tmp_path / "out").glob("_commits/*"))
     print(line)
+
+
+def test_sigterm_to_a_worker_hands_back_what_it_has_not_started_and_no_finished_work_is_lost(ray_local, tmp_path):
+    """A preemption notice: the worker takes no more units, hands back those read ahead, finishes and commits
+    the one in its engine, and ends; a replacement takes over. Nothing runs twice and no attempt is charged."""
+    rows = 40
+    spec, resolved = load_spec(slow_echo_job(tmp_path, "notice", rows, step_s=0.2, replicas=2, num_cpus=0.5))
+    runner, result, victims, _ = run_until_commits(spec, resolved, tmp_path / "out", 4, running=2)
+    if len(victims) == 2:
+        os.kill(victims[0], signal.SIGTERM)
+    runner.join(timeout=300)
+    assert len(victims) == 2, victims
+    assert result["status"] == "succeeded" and result["units_committed"] == rows
+    assert source_rows(tmp_path / "out") == list(range(rows))
+    markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_commits").iterdir()]
+    assert all(m["attempt"] == 1 for m in markers)
+    assert [e["kind"] for e in result["events"]] == ["worker drained"], result["events"]

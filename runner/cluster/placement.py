@@ -62,7 +62,47 @@ def check_fits(spec: JobSpec, embedded: bool) -> None:
             log.warning("pool %s: one replica needs %s and the cluster now has %s; waiting for the autoscaler "
                         "to add such a node", name, short, have)
             continue
+        if pool.replicas == "auto":
+            continue
         wanted = pool.num_cpus * pool.replicas
         if wanted > total.get("CPU", 0):
             log.warning("pool %s asks for %g CPUs over %d replicas; the cluster has %g, so some replicas wait",
                         name, wanted, pool.replicas, total.get("CPU", 0))
+
+
+HEAD_RESOURCE = "node:__internal_head__"  # the resource only Ray's head node advertises
+
+
+def alive_nodes() -> list[dict]:
+    """The cluster's live nodes as ray.nodes() gives them (NodeID, Resources, NodeManagerAddress, ...)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def replicas_that_fit(pool: PoolBase, nodes: list[dict]) -> int:
+    """How many replicas of the pool the nodes hold by their total resources (`replicas: auto`): on each node,
+    the fewest times any resource one replica reserves fits, summed. A replica spanning several GPUs needs them
+    on one node."""
+    need = replica_needs(pool)
+    if pool.gpus_per_replica > 1:
+        need["GPU"] = float(pool.gpus_per_replica)
+    fit = 0
+    for node in nodes:
+        have = node.get("Resources", {})
+        fit += min(int(have.get(k, 0.0) / v + 1e-9) for k, v in need.items())
+    return fit
+
+
+def head_node(nodes: list[dict]) -> str | None:
+    """The head node's id, where the coordinator goes: the node a cluster is least likely to lose."""
+    return next((n["NodeID"] for n in nodes if HEAD_RESOURCE in n.get("Resources", {})), None)
+
+
+def on_node(node_id: str | None) -> dict:
+    """Ray options that prefer `node_id` (soft: anywhere when it is gone)."""
+    if node_id is None:
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)}

@@ -20,6 +20,7 @@ class Timings:
 
     def __init__(self):
         self.marks: list[tuple[str, float]] = [("", _process_started())]
+        self.events: list[dict] = []  # the cluster's events during the run (runner.cluster.supervisor)
 
     def mark(self, phase: str, at: float | None = None) -> None:
         """`phase` ended `at` (wall clock; default now). Marks given out of order count as zero-length."""

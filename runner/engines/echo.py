@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 import zlib
 from collections import deque
@@ -20,8 +21,9 @@ class EchoEngine:
     engine_args: `step_s` sleeps that long each step (to model a slow engine); `crash_on` crashes the whole
     process with a real SIGSEGV, as a native engine's crash does, when a prompt contains that text (a poison
     row; "" crashes on every row, the warm-up's too: a model that cannot decode); `hang_on` makes the
-    step never return, as a deadlocked native engine would. For task embed a row's vector counts its words'
-    hashes in `dim` buckets: the same text always gives the same vector.
+    step never return, as a deadlocked native engine would; `load_s` and `fail_loads` model a slow load and
+    a failing one. For task embed a row's vector counts its words' hashes in `dim` buckets: the same text
+    always gives the same vector.
     """
 
     def __init__(self, capacity: int = 8, step_s: float = 0.0, crash_on: str | None = None,
@@ -36,6 +38,9 @@ class EchoEngine:
     @classmethod
     def from_pool(cls, pool: EchoPool, spec: JobSpec) -> EchoEngine:
         args = pool.engine_args
+        time.sleep(args.load_s)
+        if args.fail_loads:
+            fail_load(args.fail_loads, args.fail_loads_dir)
         return cls(capacity=pool.parallel, step_s=args.step_s, crash_on=args.crash_on, hang_on=args.hang_on,
                    embedding_dim=args.dim if spec.task == "embed" else 0, normalize=spec.embedding.normalize)
 
@@ -76,6 +81,18 @@ class EchoEngine:
 
     def close(self) -> None:
         self.queue.clear()
+
+
+def fail_load(count: int, where: str) -> None:
+    """Raise while fewer than `count` loads have failed: each failure is a file in `where` that only one
+    process can create."""
+    os.makedirs(where, exist_ok=True)
+    for k in range(count):
+        try:
+            os.close(os.open(os.path.join(where, f"load-{k}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        raise RuntimeError(f"echo: load {k + 1} of the first {count} fails (engine_args.fail_loads)")
 
 
 def echo_words(prompt: str | list[dict]) -> list[str]:

@@ -20,8 +20,9 @@ from typing import Any
 from runner.engines.base import Choice, Completion, Refused, Request, TokenLogprob
 from runner.errors import EngineError, first_line
 from runner.spec.job import JobSpec
-from runner.spec.pools import VLLMPool, check_engine_arg_names
+from runner.spec.pools import VLLMPool
 from runner.spec.sampling import Sampling
+from runner.spec.vllm_args import check_engine_arg_names
 
 log = logging.getLogger(__name__)
 

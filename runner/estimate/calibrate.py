@@ -67,7 +67,7 @@ def calibrate_pool(spec: JobSpec, index: int, works_ref, units_ref, env: dict | 
     (a model that cannot load) is raised here as itself."""
     import ray
 
-    from runner.cluster.ray import short_error
+    from runner.errors import short_error
 
     name = spec.pool_names()[index]
     with placed(spec.workers[index]) as options:

@@ -162,7 +162,7 @@ def pool_estimate(spec: JobSpec, index: int, sample: Sample, scale: float,
                     for c, s in fits if ctx is None or c < ctx) if generating else 0
     prompt = [c for c, _ in fits]
     return PoolEstimate(
-        name=name, engine=pool.engine, model=getattr(pool, "model", None), replicas=pool.replicas,
+        name=name, engine=pool.engine, model=getattr(pool, "model", None), replicas=pool.planned_replicas,
         cost_per_hour=pool.cost_per_hour, context=ctx, context_from=tokens.context_from,
         prompt_tokens=TokenCount(total=round(sum(prompt) * scale), mean=round(sum(prompt) / len(prompt), 2)
                                  if prompt else 0.0, max=max(prompt, default=0)),
@@ -191,11 +191,11 @@ def with_calibration(spec: JobSpec, est: Estimate, sample: Sample, units: tuple[
 def job_eta(spec: JobSpec, rows: int, cals: list[Calibration], plan_s: float, ray_start_s: float) -> Eta:
     """Every pool takes rows from one queue: the job's rate is the sum of replicas x rows/s; its replicas
     start together, so the slowest start counts."""
-    rate = sum(p.replicas * c.rows_per_s for p, c in zip(spec.workers, cals, strict=False))
+    rate = sum(p.planned_replicas * c.rows_per_s for p, c in zip(spec.workers, cals, strict=False))
     generate_s = rows / rate if rows and rate else 0.0
     start = max(c.replica_start_s for c in cals)
     total = plan_s + ray_start_s + start + generate_s + FINISH_S
-    priced = [p.replicas * p.cost_per_hour for p in spec.workers if p.cost_per_hour is not None]
+    priced = [p.planned_replicas * p.cost_per_hour for p in spec.workers if p.cost_per_hour is not None]
     return Eta(plan_s=round(plan_s, 3), ray_start_s=ray_start_s, replica_start_s=start, rows_per_s=round(rate, 2),
                generate_s=round(generate_s, 3), finish_s=FINISH_S, total_s=round(total, 3),
                cost=round(sum(priced) * total / 3600, 6) if priced else None)

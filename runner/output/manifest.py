@@ -73,6 +73,11 @@ class Manifest(Totals):
     wall_time_s: float = Field(description="This run's wall time.")
     rows_per_s: float = Field(description="This run's rows over its wall time.")
     tokens_per_s: float = Field(description="This run's generated tokens over its wall time.")
+    events: list[dict[str, Any]] = Field(
+        default_factory=list, description="What happened to the cluster during this run, for the report's timeline: "
+                                          "each {at, kind, what, run_id}; kinds: node lost, node joined, node "
+                                          "draining, worker lost, worker drained, replica start failed, coordinator "
+                                          "replaced.")
     spec: dict[str, Any] | None = Field(None, description="The resolved spec, secrets redacted, as recorded.")
     request_counts: RequestCounts | None = Field(None, description="OpenAI batch jobs only.")
 

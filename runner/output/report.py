@@ -85,8 +85,13 @@ def nice_ticks(top: float, n: int = 5) -> list[float]:
     return [i * step for i in range(int(top / step + 1e-9) + 1)]
 
 
-def chart(markers: list[UnitStats]) -> dict | None:
-    """The throughput chart's geometry in px; None when there is no time span to plot."""
+EVENT_COLOURS = {"node lost": "#d62728", "worker lost": "#ff7f0e", "coordinator replaced": "#9467bd",
+                 "node joined": "#2ca02c", "node draining": "#8c564b"}  # other kinds: grey
+
+
+def chart(markers: list[UnitStats], events: list[dict] = ()) -> dict | None:
+    """The throughput chart's geometry in px, with a mark for each of the cluster's `events` (the manifest's)
+    that falls in its span; None when there is no time span to plot."""
     ms = [m for m in markers if m.pool != FAILED_POOL]
     if not ms:
         return None
@@ -115,6 +120,9 @@ def chart(markers: list[UnitStats]) -> dict | None:
         "xticks": [(x(t), f"{t:g}") for t in nice_ticks(span)],
         "yticks": [(y(r), f"{r:g}") for r in nice_ticks(ymax)],
         "cuts": [(x(t - t0), run_id) for t, run_id in cuts],
+        "events": [(x(at - t0), e["kind"], EVENT_COLOURS.get(e["kind"], "#888"), e.get("what", ""))
+                   for e in events if e.get("run_id") in shift
+                   and t0 <= (at := e["at"] - shift[e["run_id"]]) <= t1],
     }
 
 
@@ -142,12 +150,20 @@ def build_report(markers: list[UnitStats], job: dict | None, manifest: dict | No
         rows_ok=sum(m.rows_ok for m in markers), rows_failed=sum(m.rows_failed for m in markers),
         rows_total=job.get("rows", manifest.get("rows_total", "?")), tokens=tokens,
         wall=f"{wall:,.1f}", busy=f"{busy:,.1f}", runs=len(run_spans(markers)), rate=_rate(tokens, busy),
-        chart=chart(markers), errors=sorted(errors.items(), key=lambda kv: (-kv[1], kv[0])),
+        chart=chart(markers, manifest.get("events", [])), events=_events(markers, manifest.get("events", [])),
+        errors=sorted(errors.items(), key=lambda kv: (-kv[1], kv[0])),
         slowest=[(m, f"{m.finished_at - m.started_at:,.1f}", _rate(m.completion_tokens, m.finished_at - m.started_at))
                  for m in slowest],
         pools=[(p, len(ms), sum(m.rows for m in ms), sum(m.completion_tokens for m in ms),
                 _rate(sum(m.completion_tokens for m in ms), busy_seconds(ms))) for p, ms in sorted(by_pool.items())],
     )
+
+
+def _events(markers: list[UnitStats], events: list[dict]) -> list[tuple[str, str, str]]:
+    """The cluster's events as rows: seconds since the first unit started (or the clock time), kind, what."""
+    t0 = min((m.started_at for m in markers), default=None)
+    return [(f"{e['at'] - t0:,.1f}" if t0 is not None else time.strftime("%H:%M:%S", time.gmtime(e["at"])),
+             e["kind"], e.get("what", "")) for e in sorted(events, key=lambda e: e["at"])]
 
 
 def write_report(loc: Location, markers: list[UnitStats] | None = None) -> str:
@@ -185,9 +201,14 @@ svg text{font:11px sans-serif}</style></head><body>
 {% endfor %}<text x="{{ (c.left + c.right) / 2 }}" y="{{ c.h - 8 }}" text-anchor="middle">seconds since the first unit started{{ " (idle gaps between runs cut out)" if c.cuts }}</text>
 <text x="14" y="{{ (c.top + c.bottom) / 2 }}" text-anchor="middle" transform="rotate(-90 14 {{ (c.top + c.bottom) / 2 }})">generated tokens/s</text>
 {% for x, run_id in c.cuts %}<line class="run-boundary" x1="{{ x }}" y1="{{ c.top }}" x2="{{ x }}" y2="{{ c.bottom }}" stroke="#888" stroke-dasharray="4 3"/><text class="run-label" x="{{ x + 3 }}" y="{{ c.top + 10 }}">run {{ run_id }}</text>
+{% endfor %}{% for x, kind, colour, what in c.events %}<line class="event" data-kind="{{ kind }}" x1="{{ x }}" y1="{{ c.top }}" x2="{{ x }}" y2="{{ c.bottom }}" stroke="{{ colour }}" stroke-width="1.5"><title>{{ kind }}: {{ what }}</title></line>
 {% endfor %}{% for line in c.lines %}<polyline data-pool="{{ line.pool }}" fill="none" stroke="{{ line.colour }}" stroke-width="1.5" points="{{ line.points }}"/>
 <rect x="{{ c.left + loop.index0 * 110 }}" y="11" width="14" height="3" fill="{{ line.colour }}"/><text class="legend" x="{{ c.left + 18 + loop.index0 * 110 }}" y="16">{{ line.pool }}</text>
 {% endfor %}</svg>{% else %}<p>No timed units to plot yet.</p>{% endif %}
+<h2>Cluster events</h2>
+{% if events %}<table id="events"><tr><th>seconds</th><th>event</th><th>what</th></tr>
+{% for at, kind, what in events %}<tr><td>{{ at }}</td><td>{{ kind }}</td><td>{{ what }}</td></tr>
+{% endfor %}</table>{% else %}<p>No node or worker was lost, joined or drained.</p>{% endif %}
 <h2>Failed rows by error kind</h2>
 {% if errors %}<table id="errors"><tr><th>error kind</th><th>rows</th></tr>
 {% for kind, n in errors %}<tr><td>{{ kind }}</td><td>{{ n }}</td></tr>

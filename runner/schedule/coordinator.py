@@ -98,6 +98,7 @@ class Coordinator:
         self.times: dict[str, float] = {}  # when the first unit was leased, the first and the last committed
         self.loads: dict[str, float] = {}  # worker -> seconds its engine took to load
         self.workers: dict[str, WorkerInfo] = {}  # worker -> what it told of itself
+        self.draining: set[str] = set()  # nodes being drained: their workers take no more units
         self.metrics = None
         if job is not None:
             from runner.schedule.metrics import JobMetrics
@@ -107,8 +108,8 @@ class Coordinator:
             if uid in self.tracks:
                 self._give_up(self.tracks[uid], error)
 
-    def _move(self, track: Track, state: UnitState, holder: str | None = None) -> None:
-        """The one place a unit changes state (and holder)."""
+    def _move(self, track: Track, state: UnitState, holder: str | None = None, front: bool = False) -> None:
+        """The one place a unit changes state (and holder); `front`: queued ahead of the others."""
         if track.holder is not None:
             self.holding.get(track.holder, set()).discard(track.unit.id)
         self.counts[track.state] -= 1
@@ -117,7 +118,8 @@ class Coordinator:
         if holder is not None:
             self.holding.setdefault(holder, set()).add(track.unit.id)
         if state is UnitState.QUEUED:
-            (self.retries if track.attempts else self.fresh).append(track.unit.id)
+            queue = self.retries if track.attempts else self.fresh
+            queue.appendleft(track.unit.id) if front else queue.append(track.unit.id)
 
     def _lease(self, worker: str, track: Track, attempt: int | None = None) -> None:
         """Lease on a new attempt, or (`attempt`) on the one a surviving worker is already running."""
@@ -138,6 +140,8 @@ class Coordinator:
         """Up to `count` units, consecutive in the plan, so a pool with large leases reads long runs of a file."""
         if worker in self.lost:
             return Lease("done")  # a replaced worker's late call: it must not take units
+        if self.draining and self.workers.get(worker, WorkerInfo()).node in self.draining:
+            return Lease("done")  # its node goes away: it finishes what it holds and ends
         held = self.holding.get(worker, set())
         if any(self.tracks[uid].attempts > 1 for uid in held):
             return Lease("wait")  # it is running a retry, alone
@@ -191,14 +195,45 @@ class Coordinator:
         if track is not None and track.state is UnitState.LEASED and track.holder == worker:
             self._retry_or_give_up(track, error)
 
-    def worker_lost(self, worker: str, how: str) -> list[str]:
+    def hand_back(self, worker: str, unit_ids: list[str]) -> None:
+        """A worker gives back units it leased and never started (its node is going away): they are queued
+        first, with no attempt counted."""
+        for uid in unit_ids:
+            track = self.tracks.get(uid)
+            if track is not None and track.state is UnitState.LEASED and track.holder == worker:
+                self._unlease(track)
+
+    def _unlease(self, track: Track) -> None:
+        """Back to the front of its queue as if never leased: neither the unit nor its worker was at fault."""
+        track.attempts -= 1
+        if not track.attempts:
+            self.tried.discard(track.unit.id)
+        self._move(track, UnitState.QUEUED, front=True)
+
+    def drain(self, nodes: list[str]) -> None:
+        """The workers on `nodes` take no more units from now on (Ray drains those nodes)."""
+        self.draining.update(nodes)
+
+    def workers_on(self, nodes: list[str]) -> list[str]:
+        """The workers, not yet lost, that said they run on one of `nodes`."""
+        on = set(nodes)
+        return sorted(w for w, info in self.workers.items() if info.node in on and w not in self.lost)
+
+    def worker_lost(self, worker: str, how: str, blameless: bool = False) -> list[str]:
         """Refuse the worker from now on; requeue (or give up on) every unit it held; returns their ids.
-        `how` completes "worker W ...": `lost: <Ray's error>`, `crashed (SIGSEGV)`."""
+        `how` completes "worker W ...": `lost: <Ray's error>`, `crashed (SIGSEGV)`. `blameless` (its node was
+        lost): its units are queued first, with no attempt counted, for the other workers to take at once."""
         self.lost.add(worker)
         self.beats.pop(worker, None)
         held = sorted(self.holding.pop(worker, set()))
-        for uid in held:  # the retry queue keeps plan order
-            self._retry_or_give_up(self.tracks[uid], f"worker {worker} {how}")
+        for uid in reversed(held) if blameless else held:  # either way the queue keeps plan order
+            track = self.tracks[uid]
+            if blameless:
+                self.last_error = f"worker {worker} {how}"
+                track.holder = None
+                self._unlease(track)
+            else:
+                self._retry_or_give_up(track, f"worker {worker} {how}")
         return held
 
     def starting(self, worker: str, info: WorkerInfo) -> None:

@@ -6,15 +6,14 @@ error by construction. Each class names its engine's builder, which is imported 
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib.util
 import json
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from runner.errors import ModelError, SpecError
+from runner.errors import ModelError
+from runner.spec.vllm_args import check_engine_arg_names
 from runner.storage.location import PathOrUrl, absolute_local
 
 LLAMA_MAX_SEQ = 256  # llama.cpp's compile-time limit on sequences in one context
@@ -43,7 +42,14 @@ class PoolBase(BaseModel):
 
     name: str | None = Field(None, description="Pool name in logs, actor names and the manifest; unique in the job. "
                                                "Default: the engine and the pool's index (`llamacpp0`).")
-    replicas: int = Field(1, ge=1, description="Actors in the pool.")
+    replicas: int | Literal["auto"] = Field(
+        1, description="Actors in the pool; `auto`: as many as fit on the Ray nodes that have the resources one "
+                       "reserves, and more as such nodes join mid-job (up to max_replicas).")
+    max_replicas: int | None = Field(None, ge=1, description="The most replicas `replicas: auto` starts.")
+    start_attempts: int = Field(
+        3, ge=1, description="Starts of one replica (its engine's load and warm-up decode) before it is given up; "
+                             "a failed start is tried again after 1 s, doubling up to 30 s, while the pool's other "
+                             "replicas go on.")
     num_cpus: float = Field(1, ge=0, description="CPUs each actor reserves; llama.cpp uses as many threads.")
     num_gpus: float = Field(0, ge=0, description="GPUs each actor reserves; a fraction shares a GPU.")
     resources: dict[str, float] = Field(
@@ -76,6 +82,27 @@ class PoolBase(BaseModel):
                 raise ValueError(f"{key} is a {' and '.join(owners)} setting" + (f"; for {cls.engine_name()} set "
                                                                                  f"{hint}" if hint else ""))
         return data
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replicas(cls, value: Any) -> Any:
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError("expected `auto` or an integer of at least 1")
+        return value
+
+    @model_validator(mode="after")
+    def _auto(self) -> PoolBase:
+        if self.replicas == "auto" and not (self.num_cpus or self.num_gpus or self.resources):
+            raise ValueError("replicas: auto counts the replicas that fit by what one reserves; this pool reserves "
+                             "nothing (num_cpus 0, no num_gpus or resources)")
+        if self.max_replicas is not None and self.replicas != "auto":
+            raise ValueError(f"max_replicas: caps `replicas: auto`; this pool has a fixed replicas: {self.replicas}")
+        return self
+
+    @property
+    def planned_replicas(self) -> int:
+        """The replicas an estimate counts on: the fixed count, else max_replicas, else 1."""
+        return self.replicas if isinstance(self.replicas, int) else self.max_replicas or 1
 
     @classmethod
     def engine_name(cls) -> str:
@@ -304,44 +331,6 @@ class VLLMPool(PoolBase):
             check_engine_arg_names(self.engine_args, f"{where}.engine_args")
 
 
-def check_engine_arg_names(args: dict, where: str) -> None:
-    """Each key must name a field of the installed vLLM's EngineArgs; raises SpecError naming the first that
-    does not, with the closest field. Values are vLLM's to check when it builds the engine: building
-    EngineArgs here would look the model up (on a hub, for an id)."""
-    if not args:
-        return
-    fields, version = engine_arg_names()
-    for key in args:
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            raise SpecError(f"{where}.{key}: not an argument of vLLM {version}'s EngineArgs"
-                            + (f" (did you mean {close[0]}?)" if close else ""))
-
-
-def engine_arg_names() -> tuple[list[str], str]:
-    """The installed vLLM's EngineArgs field names and its version, read from its source files (ast) rather
-    than by importing vllm, which takes seconds and starts torch in the driver. Imports it only where the
-    source is not laid out as expected (EngineArgs not a plain dataclass in vllm/engine/arg_utils.py)."""
-    import ast
-    from pathlib import Path
-
-    root = Path(importlib.util.find_spec("vllm").submodule_search_locations[0])
-    try:
-        tree = ast.parse((root / "engine" / "arg_utils.py").read_text())
-        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "EngineArgs")
-        version = ast.literal_eval(next(
-            n.value for n in ast.parse((root / "_version.py").read_text()).body
-            if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "__version__" for t in n.targets)))
-    except (OSError, SyntaxError, StopIteration, ValueError):
-        cls = None
-    if cls is None or cls.bases:  # inherited fields would be missed: ask vLLM itself
-        import vllm
-
-        return [f.name for f in dataclasses.fields(vllm.EngineArgs)], vllm.__version__
-    return [s.target.id for s in cls.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
-            and "ClassVar" not in ast.unparse(s.annotation)], str(version)
-
-
 class EchoArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -353,6 +342,17 @@ class EchoArgs(BaseModel):
         None, description="A text that makes a step hang for good when a prompt holds it: a stalled engine.")
     dim: int = Field(16, ge=1, description="Width of the vectors of task embed (each counts its words' hashes, so "
                                            "the same text gives the same vector).")
+    load_s: float = Field(0.0, ge=0, description="Seconds a load takes, to model an engine's load.")
+    fail_loads: int = Field(0, ge=0, description="The job's first this many loads fail (a startup wave's failed "
+                                                 "starts), counted across processes by files in fail_loads_dir.")
+    fail_loads_dir: str | None = Field(None, description="A directory every replica's node can write: fail_loads's "
+                                                         "count.")
+
+    @model_validator(mode="after")
+    def _fail_loads(self) -> EchoArgs:
+        if self.fail_loads and not self.fail_loads_dir:
+            raise ValueError("fail_loads: counts failed loads in fail_loads_dir, which is not given")
+        return self
 
 
 class EchoPool(PoolBase):

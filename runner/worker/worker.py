@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from collections import deque
@@ -121,24 +122,55 @@ class UnitFeed:
             self.ready.put(e)
 
     def _lease_and_read(self) -> None:
-        wait = WAIT_S[0]
-        while True:
+        wait, draining = WAIT_S[0], self.worker.draining
+        while not draining.is_set():
             lease = self.link.call("next_units", self.worker.identity, self.lease_size())
             if lease.state == "done":
-                self.ready.put(END)
-                return
+                break
             if lease.state == "wait":
-                time.sleep(wait)
+                draining.wait(wait)
                 wait = min(2 * wait, WAIT_S[1])
                 continue
             wait = WAIT_S[0]
-            for unit, attempt in zip(lease.units, lease.attempts, strict=False):
+            for k, (unit, attempt) in enumerate(zip(lease.units, lease.attempts, strict=False)):
                 self.worker.hold(unit.id, attempt)
+                if draining.is_set():
+                    self.worker.hand_back([u.id for u in lease.units[k:]])
+                    break
                 try:
-                    self.ready.put(self.reader.read(unit, attempt))
+                    work = self.reader.read(unit, attempt)
                 except Exception as e:
                     log.warning("%s: %s", self.worker.name, e)
                     self.worker.failed(unit.id, f"read_error: {e}")
+                    continue
+                self._put(work)
+        if draining.is_set():
+            self._hand_back_read()
+        self.ready.put(END)
+
+    def _put(self, work: UnitWork) -> None:
+        """Queue a read unit for the engine loop; one still waiting when the node's notice comes is handed back."""
+        while True:
+            try:
+                self.ready.put(work, timeout=0.2)
+                return
+            except queue.Full:
+                if self.worker.draining.is_set():
+                    self.worker.hand_back([work.unit.id])
+                    return
+
+    def _hand_back_read(self) -> None:
+        """Units read ahead that the engine loop has not taken go back to the queue."""
+        ids = []
+        while True:
+            try:
+                item = self.ready.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, UnitWork):
+                ids.append(item.unit.id)
+        if ids:
+            self.worker.hand_back(ids)
 
     def lease_size(self) -> int:
         """The pool's units per lease, or for an engine that takes a unit in a few ms, as many as it runs in
@@ -182,6 +214,9 @@ class Worker:
         self.held_lock = threading.Lock()
         self.link = CoordinatorLink(coordinator, "coordinator", namespace, self.identity, self.held_units)
         self.node = ray.get_runtime_context().get_node_id()
+        self.draining = threading.Event()  # set by a preemption notice (SIGTERM): take no more units
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._notice)
         threading.Thread(target=_exit_with_raylet, args=(os.getppid(), self.name), daemon=True).start()
         self.engine = None
         self.loop: BatchLoop | None = None
@@ -194,6 +229,19 @@ class Worker:
 
     def __repr__(self) -> str:  # Ray shows it in the dashboard and before each of this actor's log lines
         return f"Worker({self.identity})"
+
+    def _notice(self, signum, frame) -> None:
+        """SIGTERM, as a node's preemption notice or Ray's drain gives it: stop taking units, hand back those
+        not started, finish and commit those in the engine, then end (`run` returns)."""
+        if not self.draining.is_set():
+            log.warning("%s: SIGTERM: taking no more units; finishing the %d held", self.identity, len(self.held))
+        self.draining.set()
+
+    def hand_back(self, unit_ids: list[str]) -> None:
+        """Give units leased and not started back to the queue, with no attempt counted."""
+        for uid in unit_ids:
+            self._release(uid)
+        self.link.call("hand_back", self.identity, unit_ids)
 
     def load(self) -> None:
         """Build the engine, then warm it up with one short decode (runner.engines.warm_up); the coordinator
@@ -242,7 +290,8 @@ class Worker:
             stop_beat.set()
             self.engine.close()
             unwatch_crashes(self.crash_log, self.crash_file)
-        return {"worker": self.identity, "completion_tokens": self.tokens, "wall_s": time.time() - started}
+        return {"worker": self.identity, "completion_tokens": self.tokens, "wall_s": time.time() - started,
+                "drained": self.draining.is_set()}
 
     def stalled_s(self) -> float:
         """Seconds the engine has held requests without a step returning; 0 while idle or waiting on the store."""

@@ -243,3 +243,29 @@ def test_bins_refuse_an_empty_range():
     with pytest.raises(ValueError):
         throughput_bins([(1.0, 1.0, 5)], 1.0, 1.0)
 
+
+
+def test_the_clusters_events_are_marked_on_the_timeline_and_listed(tmp_path):
+    loc = write_location(tmp_path, markers(), {"name": "j", "units": 6, "rows": 55})
+    events = [{"at": T + 3, "kind": "node lost", "what": "n1", "run_id": "r1"},
+              {"at": T + 3.5, "kind": "worker lost", "what": "cpu-1: its node is gone", "run_id": "r1"},
+              {"at": T + 10_004, "kind": "node joined", "what": "n2", "run_id": "r2"},
+              {"at": T + 10_004.5, "kind": "coordinator replaced", "what": SCRIPT, "run_id": "r2"},
+              {"at": T + 99_999, "kind": "node lost", "what": "after the span", "run_id": "r2"}]
+    loc.write_json("_manifest.json", {"name": "j", "status": "succeeded", "events": events})
+    html = (tmp_path / REPORT).read_text() if write_report(loc) else ""
+    page = Page(html)
+    marks = [ln for ln in page.lines if ln.get("class") == "event"]
+    assert [m["data-kind"] for m in marks] == ["node lost", "worker lost", "node joined", "coordinator replaced"]
+    xs = [float(m["x1"]) for m in marks]
+    assert xs[0] < xs[1] < xs[2] < xs[3]  # the second run's events are shifted with its units past the cut
+    run_boundary = float(next(ln for ln in page.lines if ln.get("class") == "run-boundary")["x1"])
+    assert xs[1] < run_boundary < xs[2]
+    rows = page.rows("events")
+    assert [r[1] for r in rows] == ["node lost", "worker lost", "node joined", "coordinator replaced", "node lost"]
+    assert rows[0][0] == "3.0" and SCRIPT in rows[3][2] and SCRIPT not in html  # escaped
+
+
+def test_no_events_says_so(report):
+    html, page = report
+    assert "events" not in page.tables and "No node or worker was lost, joined or drained." in html

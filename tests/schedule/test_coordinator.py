@@ -160,3 +160,47 @@ def test_several_commits_reported_in_one_call_and_the_run_timed():
     assert c.progress()["finished"] and [s.unit_id for s in c.committed()] == [u.id for u in lease.units]
     t = c.timings()
     assert t["first_lease"] <= t["first_commit"] <= t["last_commit"] and t["load_s"] == {"w": 0.25}
+
+
+def test_units_handed_back_are_queued_again_with_no_attempt_counted():
+    from runner.schedule.coordinator import WorkerInfo
+
+    c = Coordinator(units(4), max_attempts=2)
+    c.starting("w1", WorkerInfo(node="n1"))
+    lease = c.next_units("w1", 3)
+    ids = [u.id for u in lease.units]
+    assert len(ids) == 3 and lease.attempts == (1, 1, 1)
+    c.hand_back("w1", ids[1:])
+    c.hand_back("w2", ids[:1])  # not its to give back
+    p = c.progress()
+    assert p["units_in_flight"] == 1 and p["units_queued"] == 3 and p["attempts"] == {ids[0]: 1}
+    again = c.next_units("w2", 4)
+    assert sorted(u.id for u in again.units) == sorted(set(u.id for u in units(4)) - {ids[0]})
+    assert again.attempts == (1, 1, 1)
+
+
+def test_workers_on_a_draining_node_take_no_more_units():
+    from runner.schedule.coordinator import WorkerInfo
+
+    c = Coordinator(units(4), max_attempts=2)
+    c.starting("a", WorkerInfo(node="n1"))
+    c.starting("b", WorkerInfo(node="n2"))
+    assert c.next_units("a").state == "units"
+    c.drain(["n1"])
+    assert c.next_units("a").state == "done"
+    assert c.next_units("b").state == "units"
+    assert c.workers_on(["n1"]) == ["a"] and c.workers_on(["n1", "n2"]) == ["a", "b"]
+    c.worker_lost("a", "lost")
+    assert c.workers_on(["n1"]) == []
+
+
+def test_a_worker_lost_with_its_node_has_its_units_queued_first_with_no_attempt_counted():
+    c = Coordinator(units(6), max_attempts=1)
+    held = [u.id for u in c.next_units("a", 2).units]
+    other = [u.id for u in c.next_units("b", 1).units]
+    assert c.worker_lost("a", "lost: its node is gone", blameless=True) == sorted(held)
+    p = c.progress()
+    assert p["units_given_up"] == 0 and p["units_queued"] == 5 and p["attempts"] == {other[0]: 1}
+    assert [u.id for u in c.next_units("c", 2).units] == held  # first in line, in plan order
+    c.worker_lost("b", "crashed (SIGSEGV)")  # its own loss: its unit's one attempt is used up
+    assert c.progress()["units_given_up"] == 1

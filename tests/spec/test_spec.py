@@ -28,7 +28,8 @@ def test_defaults_and_absolute_paths():
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"workers": [{"engine": "echo", "replicas": "two"}]}, 'workers[0].replicas: expected an integer, got "two"'),
+    ({"workers": [{"engine": "echo", "replicas": "two"}]},
+     'workers[0].replicas: expected `auto` or an integer of at least 1, got "two"'),
     ({"workers": [{"engine": "echo", "replica": 2}]}, "workers[0].replica: unknown key"),
     ({"sampling": {"temperature": "hot"}}, 'sampling.temperature: expected a number, got "hot"'),
     ({"input": {"prompt_column": "p"}}, "input.path: required key is missing"),
