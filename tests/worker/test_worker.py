@@ -64,7 +64,8 @@ def test_finished_units_waiting_for_a_slow_store_are_bounded(ray_local, tmp_path
 
 def idle_feed(lease_units):
     link = SimpleNamespace(call=lambda *args: Lease("done"))  # the feed's thread ends at once
-    feed = UnitFeed(link, reader=None, worker=SimpleNamespace(name="w", identity="w"), prefetch=PACE_UNITS + 2,
+    stub = SimpleNamespace(name="w", identity="w", draining=threading.Event())
+    feed = UnitFeed(link, reader=None, worker=stub, prefetch=PACE_UNITS + 2,
                     lease_units=lease_units)
     feed.thread.join(5)
     assert feed.get(False) is END
