@@ -25,14 +25,21 @@ NOT_TOKENIZER = ("model.safetensors", "model-00001-of-00002.safetensors", "pytor
 PROMPTS = ["the price was good", "I would buy it again but the screen", "sound battery delivery quality " * 3]
 
 
+SNAPSHOT_DOWNLOAD = huggingface_hub.snapshot_download  # the real one, called below only as a cache lookup
+
+
+def cache_lookup(repo_id: str, **kw) -> str:
+    """huggingface_hub's snapshot_download made a lookup in the local cache, whatever the caller asked."""
+    kw.pop("local_files_only", None)
+    return SNAPSHOT_DOWNLOAD(repo_id, local_files_only=True, **kw)
+
+
 @pytest.fixture(autouse=True)
 def no_hub(monkeypatch):
-    """Nothing here reaches a hub: every snapshot_download is a cache lookup (local_files_only=True) in offline
-    mode, and the test that plays the hub replaces the download itself."""
-    real = huggingface_hub.snapshot_download
+    """Nothing here reaches a hub: every snapshot_download is a cache lookup in offline mode, and the test that
+    plays the hub replaces the download itself."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo_id, **kw: real(repo_id, **{**kw, "local_files_only": True}))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_lookup)
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +102,9 @@ def test_a_hub_id_in_the_cache_counts_as_its_local_directory(tmp_path, hf_model,
 
 
 def test_a_hub_id_not_in_the_cache_is_refused_in_one_line(tmp_path, hf_model, cache, monkeypatch):
-    lookup = huggingface_hub.snapshot_download  # no_hub's: a cache lookup
-
     def lookup_only(repo_id, **kw):
         assert kw.get("local_files_only") is True, "runner plan asked the hub without --download-tokenizer"
-        return lookup(repo_id, **kw)
+        return cache_lookup(repo_id, **kw)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lookup_only)
     result = CliRunner().invoke(main, ["plan", plan_job(tmp_path, REPO)])
@@ -118,12 +123,12 @@ def test_a_hub_id_not_in_the_cache_is_refused_in_one_line(tmp_path, hf_model, ca
 
 
 def test_download_tokenizer_fetches_only_the_tokenizer_and_config_files(tmp_path, hf_model, cache, monkeypatch):
-    lookup, asked = huggingface_hub.snapshot_download, []  # no_hub's: a cache lookup
+    asked = []
 
     def hub(repo_id, **kw):
         """The hub, played by the tiny model's directory: what the patterns ask for lands in the cache."""
         if kw.get("local_files_only"):
-            return lookup(repo_id, **kw)
+            return cache_lookup(repo_id, **kw)
         asked.append((repo_id, kw))
         files = [f for f in os.listdir(hf_model) if any(fnmatch.fnmatch(f, p) for p in kw["allow_patterns"])]
         return str(fill_cache(Path(kw["cache_dir"]), hf_model, files, repo_id))
