@@ -113,4 +113,3 @@ def _ray_draining() -> set[str]:
     except Exception as e:
         log.debug("cannot ask Ray for draining nodes: %s", e)
         return set()
-

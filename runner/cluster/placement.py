@@ -73,13 +73,6 @@ def check_fits(spec: JobSpec, embedded: bool) -> None:
 HEAD_RESOURCE = "node:__internal_head__"  # the resource only Ray's head node advertises
 
 
-def alive_nodes() -> list[dict]:
-    """The cluster's live nodes as ray.nodes() gives them (NodeID, Resources, NodeManagerAddress, ...)."""
-    import ray
-
-    return [n for n in ray.nodes() if n.get("Alive")]
-
-
 def replicas_that_fit(pool: PoolBase, nodes: list[dict]) -> int:
     """How many replicas of the pool the nodes hold by their total resources (`replicas: auto`): on each node,
     the fewest times any resource one replica reserves fits, summed. A replica spanning several GPUs needs them

@@ -35,9 +35,8 @@ class Replicas:
     target: int = 0
     live: set[int] = field(default_factory=set)
     waiting: dict[int, float] = field(default_factory=dict)  # replica -> when it starts again
-    failed_starts: dict[int, int] = field(default_factory=dict)  # replica -> failed starts in a row
+    failed_starts: dict[int, int] = field(default_factory=dict)  # replica -> its failed starts
     given_up: set[int] = field(default_factory=set)
-    working: bool = False  # one of its replicas has taken units
 
     def active(self) -> int:
         return len(self.live) + len(self.waiting)
@@ -82,7 +81,6 @@ class Supervisor:
         self.losses = 0  # workers lost by their own doing (not their node's), against max_attempts x replicas
         self.peak = 1
         self.retired: dict[int, str] = {}  # pool index -> why it gets no more replicas
-        self.unloadable: dict[int, int] = {}  # pool index -> replicas given up at start
         self.stall_streak: dict[int, int] = {}  # pool index -> stalls since the pool last committed a unit
         self.done_seen: dict[str, int] = {}
         self.rows_total = sum(u.num_rows for u in units)
@@ -190,7 +188,8 @@ class Supervisor:
         pool's start_attempts; a pool with no replica left to start is retired."""
         reps, pool = self.pools[pool_index], self.spec.workers[pool_index]
         n = reps.failed_starts[replica] = reps.failed_starts.get(replica, 0) + 1
-        level = logging.WARNING if reps.working else logging.DEBUG  # a pool that never works says it once
+        working = self.done_seen.get(self.names[pool_index], 0)
+        level = logging.WARNING if working else logging.DEBUG  # a pool that never works says it once
         if n < pool.start_attempts and pool_index not in self.retired and not self.last_progress.get("finished"):
             wait = min(BACKOFF_S[0] * 2 ** (n - 1), BACKOFF_S[1])
             reps.waiting[replica] = time.time() + wait
@@ -199,7 +198,6 @@ class Supervisor:
             self.event("replica start failed", f"{self.names[pool_index]}-{replica}: {why}")
             return
         reps.given_up.add(replica)
-        self.unloadable[pool_index] = self.unloadable.get(pool_index, 0) + 1
         if reps.active():
             log.log(level, "%s; replica %s-%d is given up after %d starts", why, self.names[pool_index], replica, n)
             return
@@ -292,7 +290,7 @@ class Supervisor:
 
     def _why_stopped(self, progress: dict) -> Exception:
         left = progress["units_queued"] + progress["units_in_flight"]
-        if self.retired and set(self.retired) <= set(self.unloadable):  # no pool could load its model
+        if self.retired and all(self.pools[i].given_up for i in self.retired):  # no pool could load its model
             return ModelError(next(iter(self.retired.values())))
         if self.retired:
             whys = "; ".join(why for _, why in sorted(self.retired.items()))
@@ -306,7 +304,6 @@ class Supervisor:
         for pool, done in progress["done_by_pool"].items():
             if done > self.done_seen.get(pool, 0):
                 self.stall_streak.pop(self.names.index(pool), None)
-                self.pools[self.names.index(pool)].working = True
             self.done_seen[pool] = done
         for pool_index, _, actor, identity in list(self.live.values()):
             stalled = progress["stalled_s"].get(identity, 0.0)
@@ -358,9 +355,10 @@ class Supervisor:
         self.ray.kill(actor, no_restart=True)
         info = self._ask("worker_info", identity)
         node_lost = not killed and not self.nodes.answers(info.node)  # its node gone too? (the first sign)
-        crash = None  # a lost node's crash log is gone with it: Ray would wait for it to be declared dead
-        if not (killed or node_lost or isinstance(cause, RunnerError)):
-            crash = self._crash(pool_index, identity, info)
+        # a death of its own: not killed here, not its node's (whose crash log went with it, and which Ray
+        # would wait to declare dead), not a runner error it raised
+        own = not (killed or node_lost or isinstance(cause, RunnerError))
+        crash = self._crash(pool_index, identity, info) if own else None
         if crash is not None:
             how = f"crashed ({crash.signal})"
         if node_lost:
@@ -373,7 +371,7 @@ class Supervisor:
         if isinstance(cause, ModelError) or (crash is not None and crash.phase is not Phase.RUNNING):
             self._start_failed(pool_index, replica, str(cause) if crash is None else crash.line)
             return
-        if not (killed or node_lost or isinstance(cause, RunnerError)) and info.phase is not Phase.RUNNING:
+        if own and info.phase is not Phase.RUNNING:
             self._start_failed(pool_index, replica, f"pool {self.names[pool_index]}: worker {identity} {how} "
                                                     f"{info.phase.value}")  # e.g. killed for memory while loading
             return

@@ -230,7 +230,6 @@ class Coordinator:
             track = self.tracks[uid]
             if blameless:
                 self.last_error = f"worker {worker} {how}"
-                track.holder = None
                 self._unlease(track)
             else:
                 self._retry_or_give_up(track, f"worker {worker} {how}")
