@@ -36,7 +36,7 @@ from runner.output.store import COMMITS, OutputStore, UnitStats
 from runner.spec.job import load_spec
 
 S3_KEY, S3_SECRET = "bench-key", "bench-secret"
-READ = re.compile(r"ledger \S+: (\d+) units, \d+ in the summary, (\d+) markers read")
+READ = re.compile(r"ledger \S+: (\d+) units, \d+ in \d+ segments, (\d+) markers read")
 
 # moto in its own process, so its request handling does not share this process's GIL with what is timed.
 MOTO = """import sys, threading

@@ -12,6 +12,8 @@ actor: the Coordinator as a Ray actor started as runner.cluster.ray starts it (n
 job's metrics), called by `--generators` async Ray actors that simulate the replicas, while this process polls
 `progress` every second as the driver does. The coordinator's CPU is its worker process's, read with psutil.
 A `--saturate` row runs that many replicas that never wait: the most commits/s the coordinator reaches.
+job: whole echo jobs on a moto S3 server, the driver killed mid-job and the job resubmitted
+(benchmarks/scale_job.py): wall s, leases/s, commits/s, coordinator CPU, driver RSS, status s, resume s, files.
 """
 
 from __future__ import annotations
@@ -269,7 +271,7 @@ def verdict(rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", default="inproc,actor", help="comma-separated: inproc, actor")
+    ap.add_argument("--modes", default="inproc,actor", help="comma-separated: inproc, actor, job")
     ap.add_argument("--replicas", default="0,100,300,1000",
                     help="comma-separated simulated replica counts (0: the idle coordinator, as a baseline)")
     ap.add_argument("--period", type=float, default=10.0, help="seconds each replica works on a unit")
@@ -280,6 +282,13 @@ def main() -> None:
     ap.add_argument("--beat", type=float, default=IDLE_BEAT_S,
                     help="seconds between a replica's heartbeats (a healthy worker's, IDLE_BEAT_S; 0: none)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of the in-process calls")
+    ap.add_argument("--job-replicas", default="8", help="job mode: comma-separated replica counts")
+    ap.add_argument("--job-units", default="100000", help="job mode: comma-separated unit counts")
+    ap.add_argument("--job-unit-rows", type=int, default=1, help="job mode: rows a unit")
+    ap.add_argument("--seed", default="0", help="job mode: comma-separated counts of units committed (folded) "
+                    "before the run, on top of --job-units")
+    ap.add_argument("--kill-at", type=float, default=0.85, help="job mode: the share of units committed when "
+                    "the driver is killed")
     args = ap.parse_args()
     modes, counts = args.modes.split(","), [int(x) for x in args.replicas.split(",")]
     rows = []
@@ -300,8 +309,32 @@ def main() -> None:
         finally:
             ray.shutdown()
     print()
-    print_table(rows)
-    verdict(rows)
+    if rows:
+        print_table(rows)
+        verdict(rows)
+    if "job" in modes:
+        job_table(args)
+
+
+def job_table(args) -> None:
+    """The job mode's table (benchmarks/scale_job.py): real jobs on moto S3, one row per replicas x units."""
+    from scale_job import JOB_COLUMNS, job_row
+
+    rows = []
+    for seeded in (int(x) for x in args.seed.split(",")):
+        for units in (int(x) for x in args.job_units.split(",")):
+            for replicas in (int(x) for x in args.job_replicas.split(",")):
+                print(f"job: {replicas} replicas, {units:,} units of {args.job_unit_rows} rows on {seeded:,} "
+                      "committed", flush=True)
+                rows.append(job_row(replicas, units, args.job_unit_rows, args.kill_at, seeded))
+    cells = [[cell(r[k]) for k in JOB_COLUMNS] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(JOB_COLUMNS)]
+    line = lambda vals: "| " + " | ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True)) + " |"  # noqa: E731
+    print()
+    print(line(JOB_COLUMNS))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for c in cells:
+        print(line(c))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ from runner.errors import (
     StorageError,
     first_line,
 )
-from runner.inputs.units import part_name
 from runner.job import job_status, run_job
+from runner.output.ledger import Ledger
 from runner.output.manifest import JobStatus, Manifest
-from runner.output.store import OutputStore, list_markers
+from runner.output.store import OutputStore
 from runner.spec.job import JobSpec, load_spec, parse_spec, redact
 from runner.storage.location import Location, absolute_local, storage_errors
 from runner.storage.names import JOB, MANIFEST
@@ -140,14 +140,16 @@ def plan(job: JobLike, *, calibrate: bool = False, address: str | None = None,
 
 
 def read(job_or_output: JobLike, *, storage_options: dict[str, Any] | None = None) -> ds.Dataset:
-    """The committed rows of a job as a pyarrow Dataset: only parts whose commit marker exists, in unit
+    """The committed rows of a job as a pyarrow Dataset: the output files and the waiting parts of the units
+    the ledger counts committed, in unit
     order, read through the location's fsspec filesystem (so s3:// and the rest too). `job_or_output`: a job
     (a .yaml/.yml path, a dict, a JobSpec) or its output location's URL, with `storage_options` for it."""
     loc = output_location(job_or_output, storage_options)
     with storage_errors(f"{loc.url}: cannot read the outputs"):
         if not loc.exists(JOB):
             raise StorageError(f"{loc.url}: holds no runner job (no {JOB})")
-    paths = [loc.path(part_name(unit_id)) for unit_id in list_markers(loc)]
+    with storage_errors(f"{loc.url}: cannot read the ledger"):
+        paths = [loc.path(name) for name in dict.fromkeys(s.data_name for s in Ledger.load(loc).stats)]
     with storage_errors(f"{loc.url}: cannot open the committed parts"):
         return ds.dataset(paths, format="parquet", filesystem=loc.fs)
 

@@ -53,6 +53,10 @@ class JobConflictError(RunnerError):
     exit_code = 6
 
 
+class FencedError(JobConflictError):
+    """A commit refused because another run holds the job lock now: this run's driver lost it."""
+
+
 class JobFailedError(RunnerError):
     """The job ran but did not complete (too many failed rows, all workers lost)."""
 

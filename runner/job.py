@@ -19,6 +19,7 @@ from runner.inputs.formats import input_format
 from runner.inputs.plan import make_plan
 from runner.inputs.reader import open_reader
 from runner.inputs.units import Plan, Unit
+from runner.output.files import Publisher
 from runner.output.ledger import Ledger
 from runner.output.lock import JobLock
 from runner.output.report import FAILED_POOL, write_report
@@ -83,7 +84,7 @@ def _run_locked(spec: JobSpec, resolved_spec: dict, options: RunOptions, plan: P
                 run_id: str, started: float, lock: JobLock, cluster: RayCluster, timings: Timings) -> dict:
     resuming = store.begin(plan, resolved_spec, options.overwrite)
     input_format(spec).keep(store.loc, plan)
-    before = Ledger.resume(store.loc)  # one listing; only markers not yet rolled up are read
+    before = Ledger.resume(store.loc)  # the segments, and only the markers not yet folded into one
     timings.mark("claim")
     done = before.committed_ids
     todo = [u for u in plan.units if u.id not in done]
@@ -98,15 +99,15 @@ def _run_locked(spec: JobSpec, resolved_spec: dict, options: RunOptions, plan: P
         if allowed is not None:  # what earlier runs' committed units already used up
             allowed -= before.totals().get("rows_failed", 0)
         given_up, known = run_on_ray(spec, todo, run_id, options, failed_allowed=allowed, lock=lock,
-                                     timings=timings, cluster=cluster)
+                                     timings=timings, cluster=cluster, ledger=before)
     lock.check()  # a driver that took the location over while this one's workers ran finishes the job
     dim = next((m.embedding_dim for m in (*known, *before.stats) if m.embedding_dim), 0)
 
     def write_results() -> dict:
         """The given-up units' rows, written as failed, then the manifest: storage work that needs no Ray."""
         stats = known + [write_failed_unit(spec, store, unit, error, run_id, dim) for unit, error in given_up]
-        return finish(spec, store, plan, run_id, started, skipped=len(plan.units) - len(todo), known=stats,
-                      ledger=None if todo else before, events=timings.events)
+        return finish(spec, store, plan, run_id, started, skipped=len(plan.units) - len(todo),
+                      known=[*before.stats, *stats], ledger=None if todo else before, events=timings.events)
 
     # With every unit of this run settled no worker holds one, so the results are written while Ray stops; a
     # run stopped early stops Ray first, so that no worker told to stop commits behind the manifest.
@@ -148,14 +149,16 @@ def write_failed_unit(spec: JobSpec, store: OutputStore, unit: Unit, error: str,
 
 def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: float, skipped: int,
            known: Iterable[UnitStats] = (), ledger: Ledger | None = None, events: list[dict] = ()) -> dict:
-    """Write the manifest, the report and the rolled-up ledger; raise JobFailedError if the job is not done.
-    `known`: the stats this run's coordinator received, so none of this run's own markers is read again;
+    """Write the manifest and the report, and fold the markers into the ledger; raise JobFailedError if the job
+    is not done. `known`: the stats the driver has (this run's coordinator's and the ledger's it began with), so
+    none of those markers is read again;
     `ledger`: the one loaded at the start when nothing has been committed since; `events`: what happened
     to the cluster during the run (nodes lost and joined, workers lost), which the report marks."""
     ledger = ledger or Ledger.load(store.loc, known)
     plan_ids = {u.id for u in plan.units}
+    missing = sorted(plan_ids - ledger.units.keys())
+    Publisher(store.loc, spec.output.target_file_mb, run_id).publish(ledger, final=not missing)
     mine = [m for m in ledger.stats if m.unit_id in plan_ids]
-    missing = sorted(plan_ids - {m.unit_id for m in mine})
     summary = summarize(mine, spec.pool_names(), run_id)
     wall = time.time() - started
     this_run = [m for m in mine if m.run_id == run_id]
@@ -166,7 +169,8 @@ def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: 
         "units_skipped": skipped, "units_this_run": len(this_run), "wall_time_s": round(wall, 3),
         "rows_per_s": round(sum(m.rows for m in this_run) / wall, 2) if wall else 0.0,
         "tokens_per_s": round(new_tokens / wall, 1) if wall else 0.0,
-        **summary, "events": list(events), "spec": (store.job_record() or {}).get("spec"),
+        **summary, "events": list(events), "files": sorted({m.data_name for m in mine}),
+        "spec": (store.job_record() or {}).get("spec"),
     }
     if input_format(spec).request_counts:  # as the OpenAI Batch API counts its requests
         manifest["request_counts"] = {"total": plan.total_rows, "completed": manifest.get("rows_ok", 0),
@@ -186,16 +190,16 @@ def finish(spec: JobSpec, store: OutputStore, plan: Plan, run_id: str, started: 
 
 
 def _write_summaries(store: OutputStore, ledger: Ledger, mine: list[UnitStats]) -> None:
-    """The report and the rolled-up ledger. The rows and the manifest are what count: a failure here is a
-    warning, since a report can be written later and the next load reads the markers the roll missed."""
+    """The report, and the markers folded into the ledger. The rows and the manifest are what count: a failure
+    here is a warning, since a report can be written later and the next load reads the markers left."""
     try:
         log.info("report: %s", write_report(store.loc, mine))
     except RunnerError as e:
         log.warning("no report written: %s (runner report %s writes it)", e, store.loc.url)
     try:
-        ledger.roll()
+        ledger.fold()
     except RunnerError as e:
-        log.warning("ledger not rolled up: %s (the next run reads the commit markers instead)", e)
+        log.warning("markers not folded into the ledger: %s (the next run reads them instead)", e)
 
 
 def failed_rows_allowed(spec: JobSpec, total: int) -> float | None:

@@ -79,7 +79,8 @@ def test_a_dict_is_resolved_and_recorded_as_yaml_is(ray_local, tmp_path, inputs,
 
 
 def test_a_jobspec_runs_and_read_sees_only_committed_units(ray_local, tmp_path, inputs):
-    spec, _ = parse_spec(job_dict(tmp_path), env={})
+    # a file a unit, so one unit can be taken back out of the ledger by removing its marker
+    spec, _ = parse_spec(job_dict(tmp_path, output={"path": str(tmp_path / "out"), "target_file_mb": 0}), env={})
     m = runner.submit(spec)
     assert m.status == "succeeded" and m.spec == spec.model_dump(mode="json")
     rows = runner.read(spec).to_table().sort_by("id")

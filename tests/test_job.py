@@ -11,6 +11,7 @@ from conftest import S3_OPTIONS, S3_SECRET, vllm_pool, write_job, write_shard
 from runner.cluster.ray import RunOptions
 from runner.errors import InputError, JobConflictError, ModelError
 from runner.job import job_status, run_job
+from runner.output.ledger import Ledger
 from runner.spec.job import load_spec, parse_spec
 
 pytest.importorskip("llama_cpp")
@@ -98,7 +99,8 @@ def test_local_end_to_end_with_bad_rows(ray_local, tiny_model, tmp_path):
 def test_resume_skips_committed_units_and_refuses_another_job(ray_local, tiny_model, tmp_path):
     (tmp_path / "in").mkdir()
     shards = make_inputs(tmp_path / "in")
-    spec, resolved = job(tiny_model, str(tmp_path / "in"), str(tmp_path / "out"))
+    # a file a unit, so that removing two markers takes two units back out of what is committed
+    spec, resolved = job(tiny_model, str(tmp_path / "in"), str(tmp_path / "out"), output={"target_file_mb": 0})
     first = run_job(spec, resolved, RunOptions(progress=False))
     commits = sorted((tmp_path / "out" / "_commits").iterdir())
     for marker in commits[:2]:  # as if the job had died before these two commits
@@ -214,11 +216,12 @@ def test_a_given_up_unit_is_written_as_failed_rows(tmp_path):
     plan = make_plan(spec)
     store = OutputStore(spec)
     store.begin(plan, resolved, overwrite=False)
-    write_failed_unit(spec, store, plan.units[1], "worker echo0-0 lost: killed", "run1")
-    rows = ds.dataset(tmp_path / "out", format="parquet").to_table().to_pylist()
+    stats = write_failed_unit(spec, store, plan.units[1], "worker echo0-0 lost: killed", "run1")
+    assert not list((tmp_path / "out").glob("*.parquet"))  # waiting for an output file, as a worker's unit
+    rows = ds.dataset(tmp_path / "out" / stats.data_name, format="parquet").to_table().to_pylist()
     assert [(r["source_row"], r["id"]) for r in rows] == [(4, 11), (5, 12)]
     assert all(r["text"] is None and r["error"].startswith("unit_failed: after 3 attempts: worker") for r in rows)
-    assert store.committed_ids() == {plan.units[1].id}
+    assert Ledger.load(store.loc).committed_ids == {plan.units[1].id}
 
 
 def test_chat_rows_with_per_row_sampling(ray_local, tiny_model, tmp_path):

@@ -26,6 +26,17 @@ class Timings:
         """`phase` ended `at` (wall clock; default now). Marks given out of order count as zero-length."""
         self.marks.append((phase, time.time() if at is None else at))
 
+    def mark_phases(self, times: dict) -> None:
+        """The coordinator's view of the run (its `timings`), as phases: workers starting and loading their
+        engines until the first lease, the first unit, the rest of the units, then the driver noticing the end."""
+        loads = times.get("load_s") or {}
+        load = f" (engine load {max(loads.values()):.2f}s)" if loads else ""
+        for phase, key in ((f"workers up{load}", "first_lease"), ("first unit", "first_commit"),
+                           ("units", "last_commit")):
+            if key in times:
+                self.mark(phase, times[key])
+        self.mark("end seen")
+
     def line(self) -> str:
         ends, parts = self.marks[0][1], []
         for phase, at in self.marks[1:]:

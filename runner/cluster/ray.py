@@ -29,13 +29,14 @@ NICE_WORKERS = {"worker_niceness": 0}
 
 
 def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options, failed_allowed: float | None = None,
-               lock=None, timings: Timings | None = None, cluster: RayCluster | None = None
-               ) -> tuple[list[tuple[Unit, str]], list]:
+               lock=None, timings: Timings | None = None, cluster: RayCluster | None = None,
+               ledger=None) -> tuple[list[tuple[Unit, str]], list]:
     """Process `units` on Ray until each is committed or given up; returns the given-up ones and the stats
     of those committed. Stops early, leaving units unrun, once more than `failed_allowed` rows have failed,
     or when `lock` (the driver's JobLock) is found taken by another driver. `cluster`: the run's Ray, started
     here if it is not yet, which the caller stops; without it, a Ray of its own, stopped before returning.
-    `timings` gets the run's phases."""
+    `timings` gets the run's phases; `ledger` (runner.output.ledger.Ledger): what is committed, which the run's
+    commits are added to and, under `lock`, folded into as they come."""
     timings = timings or Timings()
     own = cluster is None
     cluster = cluster or RayCluster(spec, run_id, options)
@@ -44,7 +45,8 @@ def run_on_ray(spec: JobSpec, units: list[Unit], run_id: str, options, failed_al
             timings.mark("ray start")
         check_fits(spec, embedded=not options.address)
         worker_env = None if cluster.nice_workers else WORKER_ENV
-        return Supervisor(spec, units, run_id, failed_allowed, lock, worker_env, timings).run(options.progress)
+        return Supervisor(spec, units, run_id, failed_allowed, lock, worker_env, timings,
+                          ledger=ledger).run(options.progress)
     finally:
         if own and cluster.stop():
             timings.mark("ray stop")

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 from runner.cluster.nodes import NodeWatch
 from runner.cluster.placement import head_node, on_node, replica_group, replica_options, replicas_that_fit
 from runner.cluster.progress import Progress, Timings
+from runner.cluster.replicas import Replicas, backoff
 from runner.errors import JobFailedError, ModelError, RunnerError, short_error
 from runner.inputs.units import Unit
+from runner.output.files import OutputWriter
+from runner.output.ledger import Ledger
+from runner.output.store import OutputStore
 from runner.schedule.coordinator import Coordinator, Phase
 from runner.spec.job import JobSpec
 from runner.worker.crashes import crash_report, crash_signal
@@ -24,26 +27,8 @@ from runner.worker.worker import Worker
 
 log = logging.getLogger(__name__)
 
-BACKOFF_S = (1.0, 30.0)  # a failed start is tried again after 1 s, doubling, at most 30 s
-TICK_S = 1.0  # the supervisor's loop: progress, stalls, nodes, scaling
-
-
-@dataclass
-class Replicas:
-    """One pool's replicas: those running (or waiting for a node), those to start again, and those given up."""
-
-    target: int = 0
-    live: set[int] = field(default_factory=set)
-    waiting: dict[int, float] = field(default_factory=dict)  # replica -> when it starts again
-    failed_starts: dict[int, int] = field(default_factory=dict)  # replica -> its failed starts
-    given_up: set[int] = field(default_factory=set)
-
-    def active(self) -> int:
-        return len(self.live) + len(self.waiting)
-
-    def next_index(self) -> int:
-        taken = self.live | set(self.waiting) | self.given_up
-        return next(i for i in range(len(taken) + 1) if i not in taken)
+TICK_S = 1.0  # the supervisor's loop: progress, stalls, nodes, scaling, folding the ledger
+FOLD_EVERY_S = 5.0  # how often the driver takes the coordinator's new commits into its ledger
 
 
 class Supervisor:
@@ -55,14 +40,16 @@ class Supervisor:
 
     def __init__(self, spec: JobSpec, units: list[Unit], run_id: str, failed_allowed: float | None = None,
                  lock=None, worker_env: dict | None = None, timings: Timings | None = None,
-                 nodes: NodeWatch | None = None):
+                 nodes: NodeWatch | None = None, ledger: Ledger | None = None):
         import ray
-
-        from runner.output.store import OutputStore
 
         self.ray, self.spec, self.run_id, self.failed_allowed, self.lock = ray, spec, run_id, failed_allowed, lock
         self.worker_env, self.timings = worker_env, timings or Timings()
-        self.units, self.store = units, OutputStore(spec)
+        self.units = units
+        # what is committed: this run's commits are added as they come, and folded in while `lock` is held
+        self.ledger = ledger or Ledger.load(OutputStore(spec).loc)
+        self.output = OutputWriter(self.ledger, spec.output.target_file_mb, run_id, lock)
+        self.reported, self.next_fold = 0, time.time() + FOLD_EVERY_S  # commits taken from this coordinator
         self.names = spec.pool_names()
         self.stopping = False
         self.nodes = nodes or NodeWatch()
@@ -91,32 +78,36 @@ class Supervisor:
     # The coordinator
 
     def _start_coordinator(self, units: list[Unit], attempts: dict | None = None, gave_up: dict | None = None,
-                           totals: dict | None = None):
+                           totals: dict | None = None, awaiting: tuple[str, ...] = ()):
         deadline = time.time() + 30
         while True:
             try:
                 return self.ray.remote(Coordinator).options(
                     num_cpus=0, name="coordinator", namespace=self.namespace, max_restarts=0,
                     **on_node(head_node(self.placeable)),  # on the node a cluster is least likely to lose
-                ).remote(units, self.spec.max_attempts, self.spec.name, attempts, gave_up, totals)
+                ).remote(units, self.spec.max_attempts, self.spec.name, attempts, gave_up, totals, awaiting)
             except ValueError:  # the lost one's name is not released yet
                 if time.time() > deadline:
                     raise
                 time.sleep(0.2)
 
     def _replace_coordinator(self, error: str) -> None:
-        """A new coordinator from the plan less the committed markers; attempts and give-ups as last seen."""
+        """A new coordinator from the plan less what is committed; attempts and give-ups as last seen. It leases
+        nothing until the live workers have adopted what they hold (runner.schedule.coordinator.ADOPT_WAIT_S)."""
         self.coordinators_lost += 1
         if self.coordinators_lost > 10:
             raise JobFailedError(f"job {self.spec.name}: the coordinator was lost {self.coordinators_lost} times; "
                                  f"last: {error}")
-        committed = self.store.committed_ids()
-        todo = [u for u in self.units if u.id not in committed]
+        self.output.wait()
+        self.ledger.refresh()  # what the lost one took with it too
+        self.reported = 0
+        todo = [u for u in self.units if u.id not in self.ledger.units]
         seen = self.last_progress
         log.warning("the coordinator was lost (%s); a new one takes the %d units not committed", error, len(todo))
         self.event("coordinator replaced", error)
         self.ray.kill(self.coordinator, no_restart=True)
-        self.coordinator = self._start_coordinator(todo, seen.get("attempts"), seen.get("gave_up"), seen)
+        self.coordinator = self._start_coordinator(todo, seen.get("attempts"), seen.get("gave_up"), seen,
+                                                   tuple(identity for *_, identity in self.live.values()))
         self.done_seen.clear()
 
     def _ask(self, method: str, *args):
@@ -191,7 +182,7 @@ class Supervisor:
         working = self.done_seen.get(self.names[pool_index], 0)
         level = logging.WARNING if working else logging.DEBUG  # a pool that never works says it once
         if n < pool.start_attempts and pool_index not in self.retired and not self.last_progress.get("finished"):
-            wait = min(BACKOFF_S[0] * 2 ** (n - 1), BACKOFF_S[1])
+            wait = backoff(n)
             reps.waiting[replica] = time.time() + wait
             log.log(level, "%s; starting replica %s-%d again in %gs (start %d of %d)", why, self.names[pool_index],
                     replica, wait, n + 1, pool.start_attempts)
@@ -268,25 +259,26 @@ class Supervisor:
                     self._watch(progress)
                     self._watch_nodes()
                     self._scale()
+                    self._fold()
             progress = self.last_progress = self._ask("progress")
             given_up, committed = self._ask("given_up"), self._ask("committed")
-            self._mark_phases(self._ask("timings"))
+            self.timings.mark_phases(self._ask("timings"))
+            self.output.wait()
         finally:
             self.close()
         if not progress["finished"] and not self._too_many_failed(progress):
             raise self._why_stopped(progress)
         return given_up, committed
 
-    def _mark_phases(self, times: dict) -> None:
-        """The coordinator's view of the run, as phases: workers starting and loading their engines until the
-        first lease, the first unit, the rest of the units, then the supervisor noticing the end."""
-        loads = times.get("load_s") or {}
-        load = f" (engine load {max(loads.values()):.2f}s)" if loads else ""
-        for phase, key in ((f"workers up{load}", "first_lease"), ("first unit", "first_commit"),
-                           ("units", "last_commit")):
-            if key in times:
-                self.timings.mark(phase, times[key])
-        self.timings.mark("end seen")
+    def _fold(self) -> None:
+        """Hand the coordinator's new commits to the output writer, which folds them into the ledger once
+        FOLD_AT wait (so `runner status` and a resume list only the latest markers) and writes the output
+        files they fill, on its own thread."""
+        if time.time() >= self.next_fold and not self.output.busy():
+            new = self._ask("committed_since", self.reported)
+            self.reported += len(new)
+            self.output.take(new)
+            self.next_fold = time.time() + FOLD_EVERY_S
 
     def _why_stopped(self, progress: dict) -> Exception:
         left = progress["units_queued"] + progress["units_in_flight"]
@@ -337,6 +329,10 @@ class Supervisor:
             remove_placement_group(group)
         self.groups.clear()
         self.timings.events.extend(self.events)
+        try:
+            self.output.close()  # on the way out of an error: that error is the job's, this one is said
+        except (RunnerError, OSError) as e:
+            log.warning("the ledger's last writes: %s", e)
 
     def _reap(self, ref) -> None:
         pool_index, replica, actor, identity = self.live.pop(ref)

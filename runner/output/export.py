@@ -21,7 +21,6 @@ from pydantic import ValidationError
 from runner.errors import InputError, first_line
 from runner.inputs.formats import input_format
 from runner.inputs.openai_batch import CHAT, COMPLETIONS, EMBEDDINGS
-from runner.inputs.units import part_name
 from runner.output.ledger import Ledger
 from runner.output.store import UnitStats
 from runner.spec.job import JobSpec
@@ -76,11 +75,16 @@ def export_openai_batch(source: Location, dest: Location) -> Exported:
 
 
 def _rows(source: Location, stats: list[UnitStats]) -> Iterator[tuple[UnitStats, dict]]:
-    """Every committed row, in input order (units in id order), a record batch at a time."""
+    """Every committed row with its unit's stats, a file at a time: units in id order, each file's units
+    (in id order, as they were written into it) read from that file, a unit's rows taken by its row count."""
+    by_file: dict[str, list[UnitStats]] = {}
     for s in stats:
-        for batch in _parts(source, part_name(s.unit_id)):
-            for row in batch.to_pylist():
-                yield s, row
+        by_file.setdefault(s.data_name, []).append(s)
+    for name, units in by_file.items():
+        rows = (row for batch in _parts(source, name) for row in batch.to_pylist())
+        for s in units:
+            for _ in range(s.rows):
+                yield s, next(rows)
 
 
 @retrying

@@ -78,6 +78,10 @@ class Manifest(Totals):
                                           "each {at, kind, what, run_id}; kinds: node lost, node joined, node "
                                           "draining, worker lost, worker drained, replica start failed, coordinator "
                                           "replaced.")
+    files: list[str] = Field(
+        default_factory=list, description="The objects that hold the committed rows, relative to output.path: the "
+                                          "output files (and, while a job is unfinished, the parts of units waiting "
+                                          "for one under `_parts/`).")
     spec: dict[str, Any] | None = Field(None, description="The resolved spec, secrets redacted, as recorded.")
     request_counts: RequestCounts | None = Field(None, description="OpenAI batch jobs only.")
 

@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow as pa
 
 from runner.engines.base import Completion
-from runner.errors import EngineError, JobConflictError
+from runner.errors import EngineError, FencedError, JobConflictError
 from runner.inputs.formats import input_format
-from runner.inputs.units import Plan, Unit
+from runner.inputs.units import Plan, Unit, part_name
 from runner.spec.job import JobSpec
 from runner.storage.location import Location, storage_errors
-from runner.storage.names import COMMITS, JOB, LOCK, MANIFEST, SUCCESS
+from runner.storage.names import COMMITS, JOB, LOCK, MANIFEST, STAGED, SUCCESS
 
 
 @dataclass
@@ -39,6 +39,19 @@ class UnitStats:
     prompt_tokens_reused: int = 0  # taken from a shared prefix's KV instead of computed
     node: str = ""  # the Ray node id the worker ran on
     embedding_dim: int = 0  # task embed: the width of the unit's vectors
+    file: str = ""  # the output file that holds its rows; "" while they wait under `_parts/`
+    part_bytes: int = 0  # the size of the Parquet object it was committed as (0 in markers older than this)
+
+    @property
+    def data_name(self) -> str:
+        """The object that holds the unit's rows now."""
+        return self.file or (staged_name(self.unit_id) if self.part_bytes else part_name(self.unit_id))
+
+
+def staged_name(unit_id: str) -> str:
+    """Where a committed unit's rows wait for an output file: no `*.parquet` glob, and no reader of a
+    directory (pyarrow, DuckDB, polars, Spark: `_` prefixes), picks it up."""
+    return f"{STAGED}/{unit_id}.part"
 
 
 def error_kind(error: str) -> str:
@@ -182,24 +195,32 @@ class OutputStore:
                 f"output.path: {self.loc.url} holds this job over other input: {change}; use --overwrite to start over"
             )
 
-    def commit(self, unit: Unit, table: pa.Table, stats: UnitStats) -> None:
-        """Data object first, marker last: a unit is committed exactly when its marker exists."""
-        with storage_errors(f"{self.loc.url_of(unit.data_name)}: cannot commit unit"):
-            self.loc.write_table(unit.data_name, table)
+    def commit(self, unit: Unit, table: pa.Table, stats: UnitStats, fence: str | None = None) -> None:
+        """Data object first, marker last: a unit is committed exactly when its marker exists. With
+        output.target_file_mb the data waits under `_parts/` for an output file (runner.output.files), else
+        it is the unit's own file. `fence`: the run whose driver must hold the job lock; FencedError, and
+        nothing written, when another run holds it."""
+        grouped = self.spec.output.target_file_mb > 0
+        name = staged_name(unit.id) if grouped else unit.data_name
+        with storage_errors(f"{self.loc.url_of(name)}: cannot commit unit"):
+            if fence is not None:
+                self.check_fence(fence, unit.id)
+            stats.part_bytes = self.loc.write_table(name, table)
+            stats.file = "" if grouped else name
             self.loc.write_json(f"{COMMITS}/{unit.id}.json", asdict(stats))
+
+    def check_fence(self, run_id: str, unit_id: str) -> None:
+        check_fence(self.loc, run_id, f"{unit_id} is not committed by it")
 
     def commit_results(self, unit: Unit, inputs: pa.Table, results: list[Completion | None],
                        embedding_dim: int = 0, **who) -> UnitStats:
         """The one commit path, for a worker's unit and for the driver's given-up one: one output row per
-        input row, its stats, then `commit`. `who`: pool, worker, run_id, attempt, times, node."""
+        input row, its stats, then `commit`, fenced by the job lock for `who`'s run_id. `who`: pool, worker,
+        run_id, attempt, times, node."""
         table = output_table(self.spec, unit, inputs, results, embedding_dim)
         stats = unit_stats(unit, results, embedding_dim=embedding_dim, **who)
-        self.commit(unit, table, stats)
+        self.commit(unit, table, stats, fence=who.get("run_id"))
         return stats
-
-    def committed_ids(self) -> set[str]:
-        """The committed units, from one listing of the markers."""
-        return set(list_markers(self.loc))
 
     def job_record(self) -> dict | None:
         with storage_errors(f"output.path: {self.loc.url}"):
@@ -215,6 +236,19 @@ class OutputStore:
         return self.loc.exists(SUCCESS)
 
 
+def check_fence(loc: Location, run_id: str, what: str) -> None:
+    """Raise FencedError when the job lock names another run than `run_id` (one read of the lock): a driver
+    whose lock was taken over lets none of its workers commit once the new driver holds it."""
+    try:
+        holder = loc.read_json(LOCK).get("run_id")
+    except FileNotFoundError:  # released, or a run without a lock (a test driving Ray itself)
+        return
+    except ValueError:  # being written this moment by the lock's own rename: the holder is being renewed
+        return
+    if holder != run_id:
+        raise FencedError(f"output.path: {loc.url}: run {holder} holds the job lock now, not run {run_id}; {what}")
+
+
 def list_markers(loc: Location) -> dict[str, str]:
     """{unit id: marker name} of every commit marker under `loc`, in unit id order, from one listing;
     a local write still in flight (a hidden temporary name) is not a marker."""
@@ -223,12 +257,20 @@ def list_markers(loc: Location) -> dict[str, str]:
     return {n.rsplit("/", 1)[-1].removesuffix(".json"): n for n in names if n.endswith(".json")}
 
 
-def read_markers(loc: Location, names: list[str] | None = None) -> list[UnitStats]:
-    """The commit markers `names` (default: every one under `loc`), read in parallel, in the order given."""
+def read_markers(loc: Location, names: list[str] | None = None) -> list[UnitStats | None]:
+    """The commit markers `names` (default: every one under `loc`), read in parallel, in the order given;
+    None for one gone since it was listed (folded into the ledger)."""
     names = list(list_markers(loc).values()) if names is None else names
+
+    def read(name: str) -> UnitStats | None:
+        try:
+            return UnitStats(**loc.read_json(name))
+        except FileNotFoundError:
+            return None
+
     with storage_errors(f"output.path: {loc.url}: cannot read commit markers"), \
             ThreadPoolExecutor(max_workers=16) as pool:
-        return [UnitStats(**r) for r in pool.map(loc.read_json, names)]
+        return list(pool.map(read, names))
 
 
 def summarize(markers: list[UnitStats], pools: list[str], run_id: str | None = None) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -16,6 +17,7 @@ from runner.output.store import UnitStats
 # worker hung whole (its beat thread too) is still found.
 STALL_BEAT_S = 1.0
 IDLE_BEAT_S = 30.0
+ADOPT_WAIT_S = 10.0  # how long a replacement coordinator waits for the lost one's workers to adopt their units
 COUNTED = ("rows", "rows_ok", "rows_failed", "prompt_tokens", "completion_tokens")  # totals of committed units
 
 
@@ -74,14 +76,17 @@ class Coordinator:
     only to a worker that holds nothing else, and that worker gets nothing more until it is settled; busy
     workers meanwhile keep taking fresh units. A unit that kills its worker every time then costs the units
     around it one attempt, not all of them.
-    `attempts`, `gave_up` and `totals` carry a lost coordinator's state over to its replacement. With `job`,
-    it publishes the job's Ray metrics (runner.schedule.metrics).
+    `attempts`, `gave_up` and `totals` carry a lost coordinator's state over to its replacement, and
+    `awaiting` names the workers that outlived it: it leases nothing until each has adopted what it still
+    holds (or been lost), for at most ADOPT_WAIT_S, so no unit a worker holds is leased to another. With
+    `job`, it publishes the job's Ray metrics (runner.schedule.metrics).
     """
 
     def __init__(self, units: list[Unit], max_attempts: int, job: str | None = None,
                  attempts: dict[str, int] | None = None, gave_up: dict[str, str] | None = None,
-                 totals: dict[str, int] | None = None):
+                 totals: dict[str, int] | None = None, awaiting: Iterable[str] = ()):
         attempts, gave_up = attempts or {}, gave_up or {}
+        self.awaiting, self.adopt_by = set(awaiting), time.time() + ADOPT_WAIT_S
         self.tracks = {u.id: Track(u, attempts=attempts.get(u.id, 0)) for u in units}
         self.counts: Counter = Counter({UnitState.QUEUED: len(units)})
         self.fresh: deque[str] = deque(u.id for u in units if not attempts.get(u.id))
@@ -142,6 +147,8 @@ class Coordinator:
             return Lease("done")  # a replaced worker's late call: it must not take units
         if self.draining and self.workers.get(worker, WorkerInfo()).node in self.draining:
             return Lease("done")  # its node goes away: it finishes what it holds and ends
+        if self.awaiting and time.time() < self.adopt_by:
+            return Lease("wait")  # a lost coordinator's workers have yet to say what they hold
         held = self.holding.get(worker, set())
         if any(self.tracks[uid].attempts > 1 for uid in held):
             return Lease("wait")  # it is running a retry, alone
@@ -163,6 +170,7 @@ class Coordinator:
 
     def adopt(self, worker: str, held: list[tuple[str, int]]) -> None:
         """A worker of a lost coordinator reports what it is still running, so it is not handed out again."""
+        self.awaiting.discard(worker)
         for uid, attempt in held:
             track = self.tracks.get(uid)
             if track is not None and track.state is UnitState.QUEUED and worker not in self.lost:
@@ -224,6 +232,7 @@ class Coordinator:
         `how` completes "worker W ...": `lost: <Ray's error>`, `crashed (SIGSEGV)`. `blameless` (its node was
         lost): its units are queued first, with no attempt counted, for the other workers to take at once."""
         self.lost.add(worker)
+        self.awaiting.discard(worker)
         self.beats.pop(worker, None)
         held = sorted(self.holding.pop(worker, set()))
         for uid in reversed(held) if blameless else held:  # either way the queue keeps plan order
@@ -288,6 +297,10 @@ class Coordinator:
 
     def committed(self) -> list[UnitStats]:
         return self.stats
+
+    def committed_since(self, start: int) -> list[UnitStats]:
+        """The units committed after the first `start` this coordinator was told of, in the order told."""
+        return self.stats[start:]
 
     def progress(self) -> dict:
         """Counts and totals, each worker's seconds without progress, and what a replacement coordinator

@@ -102,6 +102,10 @@ class EmbeddingSpec(_Model):
 class OutputSpec(_Model):
     path: PathOrUrl = Field(description="Directory (any fsspec URL) that receives Parquet parts and bookkeeping files.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `output.path`.")
+    target_file_mb: float = Field(
+        256, ge=0, description="Size of the output files, in MB: committed units wait under `_parts/` (which "
+                               "readers skip) until their rows make a file of about this size, written whole; the "
+                               "last, smaller file when the job ends. 0: one file a unit, visible at its commit.")
 
 
 WorkerPool = Annotated[LlamaCppPool | VLLMPool | EchoPool, Field(discriminator="engine")]

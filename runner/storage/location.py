@@ -209,6 +209,20 @@ class Location:
         return sorted(p[len(root):] for p in found if p.startswith(root))
 
     @retrying
+    def remove(self, names: list[str]) -> None:
+        """Remove the objects `names`, in batches where the store has them (S3 deletes 1,000 a request); a
+        name already gone is no error."""
+        if not names:
+            return
+        paths = [self.path(n) for n in names]
+        try:
+            self.fs.rm(paths)
+        except FileNotFoundError:  # a local disk refuses the whole call for one missing file
+            for path in paths:
+                if self.fs.exists(path):
+                    self.fs.rm_file(path)
+
+    @retrying
     def remove_all(self, keep: tuple[str, ...] = ()) -> None:
         for name in self.list():
             if name not in keep:
@@ -220,10 +234,12 @@ class Location:
     def read_json(self, name: str) -> Any:
         return json.loads(self.read_bytes(name))
 
-    def write_table(self, name: str, table: pa.Table) -> None:
+    def write_table(self, name: str, table: pa.Table) -> int:
+        """A Parquet object; returns its size in bytes."""
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         self.write_bytes(name, buf.getvalue())
+        return buf.tell()
 
     def write_arrow(self, name: str, table: pa.Table) -> None:
         """An Arrow IPC file: for bookkeeping tables that a `*.parquet` glob over the outputs must not pick up."""

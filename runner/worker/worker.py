@@ -11,7 +11,7 @@ import time
 from collections import deque
 
 from runner.engines.build import create_engine, load_error, warm_up
-from runner.errors import RunnerError
+from runner.errors import FencedError, RunnerError
 from runner.hardware import cpu_flags, describe_cpu
 from runner.inputs.reader import open_reader
 from runner.inputs.units import UnitWork
@@ -371,6 +371,10 @@ class Worker:
                 unit, work.inputs, work.results, self.engine.embedding_dim, pool=self.pool, worker=self.name,
                 node=self.node, run_id=self.run_id, attempt=work.attempt, started_at=work.started_at,
                 finished_at=time.time())
+        except FencedError as e:  # its driver lost the job lock: no more commits; that driver stops the job
+            log.warning("%s: %s; taking no more units", self.name, e)
+            self.draining.set()
+            return
         except Exception as e:
             log.error("%s: commit of %s failed: %s", self.name, unit.id, e)
             self.failed(unit.id, f"commit_error: {e}")

@@ -61,7 +61,7 @@ def mixed_job(tmp_path_factory, tiny_model):
     path = write_job(root / "job.yaml", f"""
         name: mixed
         input: {{path: {root / 'in'}, id_column: id}}
-        output: {{path: {root / 'out'}}}
+        output: {{path: {root / 'out'}, target_file_mb: 0}}  # a file a unit: a GPU unit's rows read by name
         sampling: {{max_tokens: {MAX_TOKENS}}}
         unit_rows: {UNIT}
         workers:

@@ -243,7 +243,8 @@ def lock_holder(lock) -> str | None:
 
 def test_a_driver_frozen_past_stale_s_loses_its_lock_to_a_second_submit(tmp_path):
     """The first driver is frozen (SIGSTOP) until a second submit takes over its stale lock; thawed, it finds
-    the lock taken, stops its workers and exits 6 with one line; the second finishes the job. The lock
+    the lock taken, stops its workers and exits 6 with one line; the second finishes the job. Its workers,
+    which run on meanwhile, commit nothing once the second holds the lock (fenced). The lock
     periods come from the environment, shortened. The first's Ray workers are not frozen (Ray starts its
     own sessions), so the job is slow enough that they cannot finish it meanwhile."""
     path = slow_echo_job(tmp_path, "frozen", rows=10, step_s=1.0)
@@ -267,6 +268,18 @@ def test_a_driver_frozen_past_stale_s_loses_its_lock_to_a_second_submit(tmp_path
         while lock_holder(lock) in (frozen["run_id"], None) and second.poll() is None and time.time() < deadline:
             time.sleep(0.1)
         assert lock_holder(lock) not in (frozen["run_id"], None), second.communicate()
+        taken_at = time.time()
+        late = []  # the frozen driver's workers still run: fenced, none of them commits now
+        while time.time() < taken_at + 3:
+            for marker in commits.glob("*.json"):
+                try:
+                    m = json.loads(marker.read_text())
+                except (FileNotFoundError, ValueError):
+                    continue
+                if m["run_id"] == frozen["run_id"] and m["finished_at"] > taken_at + 0.5:
+                    late.append(m["unit_id"])
+            time.sleep(0.1)
+        assert not late, f"the old run's workers committed after the takeover: {sorted(set(late))}"
         os.killpg(first.pid, signal.SIGCONT)
         err = first.communicate(timeout=120)[1]
         assert first.returncode == 6, err

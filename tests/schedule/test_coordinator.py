@@ -204,3 +204,21 @@ def test_a_worker_lost_with_its_node_has_its_units_queued_first_with_no_attempt_
     assert [u.id for u in c.next_units("c", 2).units] == held  # first in line, in plan order
     c.worker_lost("b", "crashed (SIGSEGV)")  # its own loss: its unit's one attempt is used up
     assert c.progress()["units_given_up"] == 1
+
+
+def test_a_replacement_coordinator_leases_nothing_until_the_surviving_workers_adopt_what_they_hold(monkeypatch):
+    new = Coordinator(units(4), max_attempts=2, awaiting=["a", "b"])
+    assert new.next_units("c", 4).state == "wait"  # a and b have not said what they hold
+    new.adopt("a", [("part-00000-0000000000", 1)])
+    assert new.next_units("a", 4).state == "wait"  # b still may hold units
+    new.adopt("b", [("part-00000-0000000002", 1)])
+    assert [u.row_start for u in new.next_units("c", 4).units] == [1, 3]  # neither held unit is leased again
+
+    lost = Coordinator(units(2), max_attempts=2, awaiting=["a", "b"])
+    lost.adopt("a", [])
+    lost.worker_lost("b", "lost: killed")  # lost before it adopted: nothing to wait for
+    assert lost.next_units("a", 2).state == "units"
+
+    late = Coordinator(units(2), max_attempts=2, awaiting=["a"])
+    monkeypatch.setattr(time, "time", lambda: late.adopt_by + 0.1)  # a never found it: after ADOPT_WAIT_S
+    assert late.next_units("c", 2).state == "units"
