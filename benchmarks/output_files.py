@@ -37,7 +37,7 @@ def run(d: Path, rows: int, unit_rows: int, target: float) -> dict:
     wall = time.perf_counter() - t
     files = sorted(out.glob("*.parquet"))
     sizes = [f.stat().st_size / 1e6 for f in files]
-    n, distinct = duckdb.sql(f"select count(*), count(distinct source_row) from '{out}/*.parquet'").fetchone()
+    n, distinct = duckdb.sql(f"select count(*), count(distinct source_row) from '{out}/*.parquet'").fetchall()[0]
     return {"target MB": target, "files": len(files), "mean MB": sum(sizes) / len(sizes), "max MB": max(sizes),
             "wall s": wall, "rows once": n == distinct == rows, "waiting parts": len(list(out.glob("_parts/*")))}
 

@@ -123,8 +123,9 @@ def seed(job: Path, n: int) -> None:
         ledger.add(UnitStats(unit_id=u.id, rows=u.num_rows, rows_ok=u.num_rows, rows_failed=0, prompt_tokens=6,
                              completion_tokens=6, pool="echo0", worker=f"echo0-{j % 8}", run_id="seeded000000",
                              started_at=t + j / 50, finished_at=t + j / 50 + 0.1, node="n" * 56)
-                   for j, u in enumerate(plan.units[i:i + FOLD_AT], start=i))
+                   for j, u in enumerate(plan.units[i:min(i + FOLD_AT, n)], start=i))
         ledger.fold()
+    ledger.fold(at=1)  # the last, smaller batch too: a seeded unit has no marker to fall back on
 
 
 def job_row(replicas: int, units: int, unit_rows: int, kill_at: float, seeded: int = 0, **output) -> dict:

@@ -105,9 +105,10 @@ def _run_locked(spec: JobSpec, resolved_spec: dict, options: RunOptions, plan: P
 
     def write_results() -> dict:
         """The given-up units' rows, written as failed, then the manifest: storage work that needs no Ray."""
-        stats = known + [write_failed_unit(spec, store, unit, error, run_id, dim) for unit, error in given_up]
-        return finish(spec, store, plan, run_id, started, skipped=len(plan.units) - len(todo),
-                      known=[*before.stats, *stats], ledger=None if todo else before, events=timings.events)
+        before.add(known + [write_failed_unit(spec, store, unit, error, run_id, dim) for unit, error in given_up])
+        before.catch_up()  # what a lost coordinator did not report: the driver's ledger is the whole job's now
+        return finish(spec, store, plan, run_id, started, skipped=len(plan.units) - len(todo), ledger=before,
+                      events=timings.events)
 
     # With every unit of this run settled no worker holds one, so the results are written while Ray stops; a
     # run stopped early stops Ray first, so that no worker told to stop commits behind the manifest.

@@ -85,7 +85,7 @@ def _kinds(line: bytes, columns: list[str]) -> Keys:
 
 def column_types(columns: list[str], indexes: list[LineIndex]) -> tuple[tuple[str, str], ...]:
     """Each copied column's type across every file's lines: the first of _FITS that holds every kind seen."""
-    tags = {tag for index in indexes for _, tag in index.keys if tag and len(tag) == len(columns)}
+    tags = {tag for index in indexes for tag in index.tag_counts() if tag and len(tag) == len(columns)}
     out = []
     for j, c in enumerate(columns):
         seen = {tag[j] for tag in tags} - {"n"}

@@ -27,24 +27,39 @@ from runner.storage.names import INDEXES
 
 CHUNK = 16 << 20  # bytes read at a time while indexing
 BLANK = ("", "")  # the keys of a blank line
+BLANK_TAG = -2  # a blank line's tag code; -1: a line with no tag
 
 Keys = tuple[str | None, str | None]
 
 
 @dataclass(frozen=True)
 class LineIndex:
-    """One file's lines: `starts[i]` is line i's first byte and `starts[-1]` the end of the last one.
+    """One file's lines, in arrays, so a file of millions of lines takes tens of MB: `starts[i]` is line i's
+    first byte and `starts[-1]` the end of the last one.
 
-    `keys[i]`: two strings the format noted of line i while indexing, None where it noted nothing; BLANK for a
-    blank line. The first is an identity the format checks for repeats (openai_batch: custom_id), the second a
-    tag of few distinct values (openai_batch: the url; jsonl: the JSON kinds of the line's copied values)."""
+    A format notes two keys of each line while indexing: an identity it checks for repeats (openai_batch:
+    custom_id), kept as a 64-bit hash in `ids` (0: none), and a tag of few distinct values (openai_batch: the
+    url; jsonl: the JSON kinds of the line's copied values), kept as a code in `tags` into `tag_values` (-1:
+    none, BLANK_TAG: a blank line)."""
 
-    starts: np.ndarray
-    keys: list[Keys]
+    starts: np.ndarray  # int64, lines + 1
+    ids: np.ndarray  # uint64, one a line
+    tags: np.ndarray  # int32, one a line
+    tag_values: tuple[str, ...]
 
     @property
     def lines(self) -> int:
         return len(self.starts) - 1
+
+    def tag_counts(self) -> dict[str, int]:
+        """How many lines have each tag."""
+        counts = np.bincount(self.tags[self.tags >= 0], minlength=len(self.tag_values))
+        return {v: int(n) for v, n in zip(self.tag_values, counts, strict=True) if n}
+
+
+def key_hash(key: str) -> int:
+    """A line's identity as the index keeps it: 64 bits of BLAKE2b, never 0 (0 is no identity)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") or 1
 
 
 def blank_or_not(line: bytes) -> Keys:
@@ -61,11 +76,31 @@ def line_object(line: bytes) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+class _Noter:
+    """Turns each line's keys into its (id, tag code), the tag values coded in order of first sight."""
+
+    def __init__(self, keys_of: Callable[[bytes], Keys]):
+        self.keys_of, self.codes = keys_of, {}
+
+    def __call__(self, line: bytes) -> tuple[int, int]:
+        keys = self.keys_of(line)
+        if keys == BLANK:
+            return 0, BLANK_TAG
+        key, tag = keys
+        return (key_hash(key) if key else 0), (-1 if tag is None else self.codes.setdefault(tag, len(self.codes)))
+
+    def chunk(self, lines: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        noted = [self(line) for line in lines]
+        return (np.fromiter((i for i, _ in noted), np.uint64, len(noted)),
+                np.fromiter((t for _, t in noted), np.int32, len(noted)))
+
+
 @retrying
 def index_lines(fs, path: str, keys_of: Callable[[bytes], Keys] = blank_or_not) -> LineIndex:
-    """One pass over the file: each line's start, and its keys. Blank lines at the end of the file are not
-    lines; a blank line before the last one is (a row error)."""
-    starts, keys, offset, tail = [0], [], 0, b""
+    """One pass over the file, a CHUNK at a time: each line's start, and its keys. Blank lines at the end of
+    the file are not lines; a blank line before the last one is (a row error)."""
+    noter = _Noter(keys_of)
+    starts, ids, tags, offset, tail = [np.zeros(1, np.int64)], [], [], 0, b""
     with fs.open(path, "rb") as f:
         while True:
             chunk = f.read(CHUNK)
@@ -73,20 +108,23 @@ def index_lines(fs, path: str, keys_of: Callable[[bytes], Keys] = blank_or_not) 
                 break
             buf = tail + chunk
             ends = np.flatnonzero(np.frombuffer(buf, np.uint8) == 10)
-            base = offset - len(tail)
-            prev = 0
-            for e in ends.tolist():
-                keys.append(keys_of(buf[prev:e]))
-                prev = e + 1
-            starts.extend((ends + 1 + base).tolist())
-            tail, offset = buf[prev:], offset + len(chunk)
+            bounds = [0, *(ends + 1).tolist()]
+            chunk_ids, chunk_tags = noter.chunk([buf[a:b - 1] for a, b in zip(bounds, bounds[1:], strict=False)])
+            ids.append(chunk_ids)
+            tags.append(chunk_tags)
+            starts.append((ends + 1 + offset - len(tail)).astype(np.int64))
+            tail, offset = buf[bounds[-1]:], offset + len(chunk)
     if tail:
-        keys.append(keys_of(tail))
-        starts.append(offset)
-    while keys and keys[-1] == BLANK:  # trailing blank lines
-        keys.pop()
-        starts.pop()
-    return LineIndex(np.asarray(starts, np.int64), keys)
+        last_ids, last_tags = noter.chunk([tail])
+        ids.append(last_ids)
+        tags.append(last_tags)
+        starts.append(np.array([offset], np.int64))
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.uint64)
+    all_tags = np.concatenate(tags) if tags else np.zeros(0, np.int32)
+    n = len(all_tags)
+    while n and all_tags[n - 1] == BLANK_TAG:  # trailing blank lines
+        n -= 1
+    return LineIndex(np.concatenate(starts)[:n + 1], all_ids[:n], all_tags[:n], tuple(noter.codes))
 
 
 def _kept_name(url: str, tagged: str) -> str:
@@ -106,9 +144,11 @@ def kept_index(loc: Location, url: str, size: int, version: str, tagged: str = "
     meta = table.schema.metadata or {}
     if [meta.get(k) for k in (b"url", b"size", b"version")] != [url.encode(), str(size).encode(), version.encode()]:
         return None
+    if b"tag_values" not in meta or table.schema.names != ["start", "id", "tag"]:  # kept by an older runner
+        return None
     starts = np.concatenate([table.column("start").to_numpy(), [int(meta[b"end"])]])
-    # by position: indexes kept before the keys had general names call them custom_id and url
-    return LineIndex(starts, list(zip(table.column(1).to_pylist(), table.column(2).to_pylist(), strict=True)))
+    return LineIndex(starts, table.column("id").to_numpy().astype(np.uint64),
+                     table.column("tag").to_numpy().astype(np.int32), tuple(json.loads(meta[b"tag_values"])))
 
 
 def keep_indexes(loc: Location, plan: Plan, tagged: str = "") -> None:
@@ -116,11 +156,11 @@ def keep_indexes(loc: Location, plan: Plan, tagged: str = "") -> None:
     files = {f.url: f for f in plan.files}
     for url, index in plan.new_indexes.items():
         f = files[url]
-        ids, tags = zip(*index.keys, strict=True) if index.keys else ((), ())
-        table = pa.table({"start": pa.array(index.starts[:-1], pa.int64()), "key": pa.array(ids, pa.string()),
-                          "tag": pa.array(tags, pa.string()).dictionary_encode()})
+        table = pa.table({"start": pa.array(index.starts[:-1], pa.int64()), "id": pa.array(index.ids, pa.uint64()),
+                          "tag": pa.array(index.tags, pa.int32())})
         table = table.replace_schema_metadata({"url": url, "size": str(f.size), "version": f.version,
-                                               "end": str(int(index.starts[-1]))})
+                                               "end": str(int(index.starts[-1])),
+                                               "tag_values": json.dumps(index.tag_values)})
         with storage_errors(f"{loc.url_of(_kept_name(url, tagged))}: cannot keep the line index of {url}"):
             loc.write_arrow(_kept_name(url, tagged), table)
 

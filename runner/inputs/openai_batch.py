@@ -11,10 +11,13 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+from fsspec.core import url_to_fs
 
 from runner.errors import InputError
 from runner.inputs.lines import BLANK, LineFormat, LineIndex, LineReader, cut_line_units, index_lines, line_object
+from runner.inputs.listing import reading
 from runner.inputs.rows import Rows, overrides
 from runner.inputs.units import Plan, Unit, UnitWork
 from runner.spec.job import JobSpec
@@ -64,19 +67,14 @@ class OpenAIBatchFormat(LineFormat):
     def plan(self) -> Plan:
         """Index every request file, refuse a file no line of which suits the task, and cut units of unit_rows
         lines. A custom_id seen before (in file order, then line order) marks its row."""
-        first_seen: dict[str, tuple[str, int]] = {}  # custom_id -> (file, line) where it first appears
-        files, units, new = [], [], {}
-        for i, (f, index, fresh) in enumerate(self.indexed()):
+        files, units, new, indexed = [], [], {}, self.indexed()
+        repeats = find_repeats(self.spec, [(f.url, index) for f, index, _ in indexed])
+        for i, (f, index, fresh) in enumerate(indexed):
             if fresh:
                 new[f.url] = index
             _check_endpoints(self.spec, f.url, index)
-            repeats = {}
-            for line, (cid, _) in enumerate(index.keys):
-                if cid is not None and first_seen.setdefault(cid, (f.url, line)) != (f.url, line):
-                    first_url, first_line = first_seen[cid]
-                    repeats[line] = f"line {first_line + 1} of {first_url}"
             files.append(f)
-            units += cut_line_units(i, f, index, self.spec.unit_rows, repeats)
+            units += cut_line_units(i, f, index, self.spec.unit_rows, repeats.get(i, {}))
         return Plan(tuple(files), tuple(units), new)
 
     def reader(self) -> BatchFileReader:
@@ -93,9 +91,50 @@ def _keys(line: bytes) -> tuple[str | None, str | None]:
     return (cid if isinstance(cid, str) and cid else None, obj.get("url") if isinstance(obj.get("url"), str) else None)
 
 
+def find_repeats(spec: JobSpec, indexes: list[tuple[str, LineIndex]]) -> dict[int, dict[int, str]]:
+    """{file: {line: where its custom_id first appears}} for every line whose custom_id an earlier line has (in
+    file order, then line order). From the indexes' hashes, sorted: a few arrays of 8 bytes a line, not every
+    id in memory; the lines of equal hashes are then read, so only ids that are truly equal count."""
+    if not indexes:
+        return {}
+    ids = np.concatenate([index.ids for _, index in indexes])
+    where = np.concatenate([np.full(index.lines, i, np.int64) * (1 << 40) + np.arange(index.lines)
+                            for i, (_, index) in enumerate(indexes)])  # file, line: their order as one number
+    keep = ids != 0
+    ids, where = ids[keep], where[keep]
+    order = np.argsort(ids, kind="stable")  # equal ids stay in file, line order
+    ids, where = ids[order], where[order]
+    same = np.flatnonzero(ids[1:] == ids[:-1])
+    if not len(same):
+        return {}
+    candidates = sorted(set(where[same].tolist()) | set(where[same + 1].tolist()))
+    first: dict[str, int] = {}
+    repeats: dict[int, dict[int, str]] = {}
+    for at, cid in zip(candidates, _custom_ids(spec, indexes, candidates), strict=True):
+        seen = first.setdefault(cid, at)
+        if seen != at:
+            url, line = indexes[seen >> 40][0], seen & ((1 << 40) - 1)
+            repeats.setdefault(at >> 40, {})[at & ((1 << 40) - 1)] = f"line {line + 1} of {url}"
+    return repeats
+
+
+def _custom_ids(spec: JobSpec, indexes: list[tuple[str, LineIndex]], at: list[int]) -> list[str]:
+    """The custom_id of each line `at` names (file << 40 | line), read by its byte range."""
+    out = []
+    for i in sorted({a >> 40 for a in at}):
+        url, index = indexes[i]
+        fs, path = url_to_fs(url, **spec.input.storage_options)
+        with reading(url), fs.open(path, "rb") as f:
+            for a in (a for a in at if a >> 40 == i):
+                line = a & ((1 << 40) - 1)
+                f.seek(int(index.starts[line]))
+                out.append(_keys(f.read(int(index.starts[line + 1] - index.starts[line])).rstrip(b"\r\n"))[0])
+    return out
+
+
 def _check_endpoints(spec: JobSpec, url: str, index: LineIndex) -> None:
     """A file none of whose requests this job's task answers is the spec's mistake, said once at validate."""
-    asked = Counter(u for _, u in index.keys if u)
+    asked = Counter(index.tag_counts())
     if asked and not set(asked) & set(ENDPOINTS[spec.task]):
         top = asked.most_common(1)[0][0]
         fix = "set task: embed" if top == EMBEDDINGS else ("set task: generate" if top in ENDPOINTS["generate"]

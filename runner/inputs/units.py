@@ -32,7 +32,7 @@ class InputFile:
                 "row_groups": row_group_summary(self.row_groups)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a plan holds one per unit: 100,000s of them
 class Unit:
     """A slice of one input file: whole row groups where they fit, the checkpoint granularity."""
 

@@ -11,6 +11,7 @@ waiting part, nor a unit in two files: before, while and after files are written
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -144,25 +145,55 @@ class OutputWriter:
             self.pool.shutdown()
 
 
+READ_AHEAD = 32  # parts read at once (in parallel) while a file is written: bounds the driver's memory
+
+
 @retrying
 def concatenate(loc: Location, name: str, parts: list[str]) -> int:
-    """Write `parts` (Parquet objects under `loc`), in order, as the one Parquet object `name`, a part at a
-    time; returns its rows. The schema is the parts' unified one (a column all null in one part takes its
-    type from the others)."""
-    schemas = []
-    for part in parts:
-        with loc.fs.open(loc.path(part), "rb") as f:
-            schemas.append(pq.read_schema(f))
-    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    """Write `parts` (Parquet objects under `loc`), in order, as the one Parquet object `name`, READ_AHEAD
+    parts at a time, read in parallel; returns its rows. The schema is the first parts' unified one; where a
+    later part has a column typed where they had only nulls (a unit whose input could not be read comes
+    first), the file is written again with every part's schema unified."""
+    with ThreadPoolExecutor(16, thread_name_prefix="concatenate") as pool:
+        try:
+            return _write_file(loc, name, parts, pool, None)
+        except pa.ArrowException:
+            schemas = list(pool.map(lambda part: pq.read_schema(io.BytesIO(loc.read_bytes(part))), parts))
+            return _write_file(loc, name, parts, pool, pa.unify_schemas(schemas, promote_options="permissive"))
+
+
+def _write_file(loc: Location, name: str, parts: list[str], pool: ThreadPoolExecutor, schema: pa.Schema | None
+                ) -> int:
     path = loc.path(name)
     target = beside(path) if is_local(loc.fs) else path
-    rows = 0
-    with loc.fs.open(target, "wb") as out, pq.ParquetWriter(out, schema, compression="zstd") as writer:
-        for part in parts:
-            with loc.fs.open(loc.path(part), "rb") as f:
-                table = pq.read_table(f).select(schema.names).cast(schema)
-            writer.write_table(table)
-            rows += table.num_rows
+    out, writer, rows = loc.fs.open(target, "wb"), None, 0
+    try:
+        for i in range(0, len(parts), READ_AHEAD):
+            tables = list(pool.map(lambda part: pq.read_table(io.BytesIO(loc.read_bytes(part))),
+                                   parts[i:i + READ_AHEAD]))
+            if writer is None:
+                schema = schema or pa.unify_schemas([t.schema for t in tables], promote_options="permissive")
+                writer = pq.ParquetWriter(out, schema, compression="zstd")
+            for table in tables:
+                writer.write_table(table.select(schema.names).cast(schema))
+                rows += table.num_rows
+        writer.close()
+    except BaseException:
+        _abandon(loc, out, target != path and target)
+        raise
+    out.close()
     if target != path:
         loc.fs.mv(target, path)
     return rows
+
+
+def _abandon(loc: Location, out, temp: str | bool) -> None:
+    """A file whose writing failed is never completed: an object store's upload is discarded (s3fs aborts
+    it, and the file is unusable after, so its close may fail), a local temp file removed."""
+    try:
+        getattr(out, "discard", lambda: None)()
+        out.close()
+    except Exception:  # noqa: BLE001 - what matters is that nothing was completed
+        pass
+    if temp and loc.fs.exists(temp):
+        loc.fs.rm_file(temp)

@@ -11,6 +11,7 @@ both places, which is the same unit once.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Iterable
@@ -49,9 +50,9 @@ class Ledger:
 
     @classmethod
     def load(cls, loc: Location, known: Iterable[UnitStats] = ()) -> Ledger:
-        known = list(known)
+        known, cache = list(known), {}
         for _ in range(3):  # a marker folded in between its listing and its read: load again
-            segments, rows = read_segments(loc)  # before the markers: a fold writes its segment first
+            segments, rows = read_segments(loc, cache)  # before the markers: a fold writes its segment first
             listed = list_markers(loc)
             units = {**{s.unit_id: s for s in known}, **rows}  # a segment's row wins: it may name the unit's file
             new = [name for uid, name in listed.items() if uid not in units]
@@ -70,6 +71,13 @@ class Ledger:
         ledger = cls.load(loc)
         ledger.fold()
         return ledger
+
+    def catch_up(self) -> None:
+        """Add the units whose markers stand but which this ledger does not hold (a lost coordinator's last
+        commits): one listing of `_commits/`, and only those markers read."""
+        listed = list_markers(self.loc)
+        new = [name for uid, name in listed.items() if uid not in self.units]
+        self.add(s for s in read_markers(self.loc, new) if s is not None)
 
     def refresh(self) -> None:
         """Load again in place (what a lost coordinator took with it is read from the markers)."""
@@ -143,15 +151,22 @@ def summary_table(stats: list[UnitStats]) -> pa.Table:
     return pa.table({f.name: pa.array([getattr(s, f.name) for s in stats], f.type) for f in SCHEMA}, schema=SCHEMA)
 
 
-def read_segments(loc: Location) -> tuple[list[str], dict[str, UnitStats]]:
+def read_segments(loc: Location, cache: dict | None = None) -> tuple[list[str], dict[str, UnitStats]]:
     """The segment names under `_ledger/`, oldest first, and {unit id: stats} from them (a later segment's row
     wins). A segment that cannot be parsed is skipped with a warning: its units run again, into the same
-    objects. A storage error is raised."""
+    objects. A storage error is raised. `cache`: {name: rows} of segments read before (a segment never
+    changes), so a load that lists again reads only the new ones."""
+    cache = {} if cache is None else cache
     for _ in range(3):  # a segment merged away between the listing and its read: list again
         with storage_errors(f"{loc.url_of(LEDGER)}: cannot read the ledger"):
             names = [n for n in loc.list(LEDGER) if n.endswith(".arrow")]
             with ThreadPoolExecutor(max_workers=16) as pool:
-                tables = list(pool.map(lambda n: _read_segment(loc, n), names))
+                for n, rows in zip([n for n in names if n not in cache],
+                                   pool.map(lambda n: _read_segment(loc, n), [n for n in names if n not in cache]),
+                                   strict=True):
+                    if rows is not None:
+                        cache[n] = rows
+        tables = [cache.get(n) for n in names]
         if all(t is not None for t in tables):
             break
     rows: dict[str, UnitStats] = {}
@@ -173,4 +188,6 @@ def _read_segment(loc: Location, name: str) -> list[UnitStats] | None:
         return []
     for s in stats:
         s.errors = dict(s.errors or ())  # an Arrow map reads back as (key, value) pairs
+        s.pool, s.worker, s.run_id, s.node = (sys.intern(s.pool), sys.intern(s.worker), sys.intern(s.run_id),
+                                              sys.intern(s.node))  # a few distinct values over many units
     return stats

@@ -199,3 +199,39 @@ def test_a_kept_line_index_serves_only_the_same_file(tmp_path):
     write_lines(path, [chat(f"k{i}") for i in range(7)])  # rewritten: another size and modification time
     changed = make_plan(spec)
     assert set(changed.new_indexes) == {str(path)} and changed.total_rows == 7
+
+
+PLAN_PEAK_RSS = """import json, re, sys
+from runner.inputs.plan import make_plan
+from runner.spec.job import load_spec
+plan = make_plan(load_spec(sys.argv[1])[0])
+repeats = {u.row_start + r: where for u in plan.units for r, where in u.repeats}
+peak = re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)
+print(json.dumps({"rows": plan.total_rows, "units": len(plan.units), "repeats": repeats, "peak_kb": int(peak)}))"""
+
+
+def test_five_million_request_lines_plan_in_under_1_gb(tmp_path):
+    """A plan of 5,000,000 request lines, three of them repeating an earlier custom_id, in a process of its
+    own: the repeats are found, and its peak RSS stays under 1 GB (the index is arrays of a few bytes a line;
+    repeats are found by sorting hashes, then reading only the lines whose hashes are equal)."""
+    import subprocess
+    import sys
+
+    n, repeated = 5_000_000, {1_000_003: 7, 2_500_000: 4_999_999, 4_000_000: 123}
+    line = ('{{"custom_id": "request-{}", "method": "POST", "url": "/v1/completions", '
+            '"body": {{"prompt": "say something about {}", "max_tokens": 4}}}}\n')
+    with open(tmp_path / "big.jsonl", "w") as f:
+        for start in range(0, n, 100_000):
+            f.write("".join(line.format(repeated.get(i, i), i) for i in range(start, start + 100_000)))
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps(spec_of(tmp_path / "big.jsonl", unit_rows=1024).model_dump(mode="json")))
+    run = subprocess.run([sys.executable, "-c", PLAN_PEAK_RSS, str(job)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    where = str(tmp_path / "big.jsonl")
+    assert out["rows"] == n and out["units"] == -(-n // 1024)
+    assert out["repeats"] == {"1000003": f"line 8 of {where}", "4000000": f"line 124 of {where}",
+                              "4999999": f"line 2500001 of {where}"}  # the later line of each pair
+    print(f"5,000,000 lines planned; peak RSS {out['peak_kb'] / 1024:.0f} MB")
+    assert out["peak_kb"] / 1024 < 1024, out["peak_kb"]

@@ -107,9 +107,13 @@ def test_a_crash_at_each_step_of_a_file_loses_and_duplicates_nothing(tmp_path, o
     assert store.loc.list("_parts") == [] and store.loc.list("_files") == []
 
 
-def test_a_column_null_in_one_unit_takes_its_type_from_the_others(tmp_path):
+@pytest.mark.parametrize("first", [False, True], ids=["middle", "first-read-alone"])
+def test_a_column_null_in_one_unit_takes_its_type_from_the_others(tmp_path, monkeypatch, first):
+    """Read with the others, the null column is unified at once; read first and alone (READ_AHEAD 1), the
+    file is begun with it typed null, refused at the next part, and written again with every schema unified."""
+    monkeypatch.setattr(files_mod, "READ_AHEAD", 1 if first else 32)
     spec, plan, store = committed(tmp_path, {"path": str(tmp_path / "out")}, 3, target_mb=1.0)
-    unit = plan.units[1]
+    unit = plan.units[0 if first else 1]
     results = [Completion.failed(r, "unit_failed: unreadable") for r in range(4)]
     s = unit_stats(unit, results, pool="failed", worker="failed", run_id=RUN)
     store.commit(unit, output_table(spec, unit, pa.table({"x": [None] * 4}), results), s)  # text all null
@@ -117,3 +121,4 @@ def test_a_column_null_in_one_unit_takes_its_type_from_the_others(tmp_path):
     table = ds.dataset(str(tmp_path / "out"), format="parquet").to_table()
     assert table.schema.field("text").type == pa.string() and table.num_rows == 12
     assert table.column("text").null_count == 4
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []  # no temp file left
