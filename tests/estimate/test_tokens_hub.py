@@ -9,6 +9,9 @@ import shutil
 from pathlib import Path
 
 import huggingface_hub
+import huggingface_hub.constants
+import huggingface_hub.errors
+import huggingface_hub.utils
 import pytest
 from click.testing import CliRunner
 from conftest import write_job, write_shard
@@ -25,19 +28,22 @@ NOT_TOKENIZER = ("model.safetensors", "model-00001-of-00002.safetensors", "pytor
 PROMPTS = ["the price was good", "I would buy it again but the screen", "sound battery delivery quality " * 3]
 
 
-SNAPSHOT_DOWNLOAD = huggingface_hub.snapshot_download  # the real one, called below only as a cache lookup
-
-
-def cache_lookup(repo_id: str, **kw) -> str:
-    """huggingface_hub's snapshot_download made a lookup in the local cache, whatever the caller asked."""
-    kw.pop("local_files_only", None)
-    return SNAPSHOT_DOWNLOAD(repo_id, local_files_only=True, **kw)
+def cache_lookup(repo_id: str, revision: str | None = None, cache_dir: str | None = None, **_) -> str:
+    """What snapshot_download finds in the local cache alone (refs/<revision> -> snapshots/<commit>), read here
+    from the files, so no test calls the real download at all."""
+    huggingface_hub.utils.validate_repo_id(repo_id)  # HFValidationError for what is not a Hugging Face id
+    folder = Path(cache_dir or huggingface_hub.constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    ref = folder / "refs" / (revision or "main")
+    snapshot = folder / "snapshots" / (ref.read_text().strip() if ref.is_file() else str(revision))
+    if not snapshot.is_dir():
+        raise huggingface_hub.errors.LocalEntryNotFoundError(f"{repo_id} is not in the cache {folder.parent}")
+    return str(snapshot)
 
 
 @pytest.fixture(autouse=True)
 def no_hub(monkeypatch):
-    """Nothing here reaches a hub: every snapshot_download is a cache lookup in offline mode, and the test that
-    plays the hub replaces the download itself."""
+    """Nothing here reaches a hub: every snapshot_download is a lookup in the local cache's files, and the test
+    that plays the hub replaces the download itself."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_lookup)
 
